@@ -1,0 +1,29 @@
+"""spacetime-jax: NeTI and ELITE text-to-image personalization in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="spacetime-jax",
+    version="0.1.0",
+    description="Text-to-image personalization (NeTI, ELITE) for Stable Diffusion in JAX/Flax",
+    packages=find_packages(include=["spacetime_jax", "spacetime_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml-collections>=1.1",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "huggingface_hub",
+        "transformers>=5",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch references for the parity tests and the side-by-side benchmarks.
+        "torch": ["torch", "diffusers>=0.40", "accelerate"],
+        "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate"],
+    },
+)

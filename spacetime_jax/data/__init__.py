@@ -1,0 +1,1 @@
+"""Data for personalization: concept image loading and prompt templates."""
