@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from spacetime_jax.errors import UserError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(UserError, ValueError):
     """A config asks for an architecture variant that this project does not implement."""
 
 

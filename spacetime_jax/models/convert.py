@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from spacetime_jax.errors import UserError
+
 # Older diffusers checkpoints (e.g. the SD 1.x VAE) name the attention projections this way.
 LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
     (r"\.query\.", ".to_q."),
@@ -40,7 +42,7 @@ NAMES_ENDING_IN_DIGIT = frozenset({"linear_1", "linear_2"})
 IGNORED_TORCH_KEYS = (r"(^|\.)position_ids$",)
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """The weights do not fit the model: names the missing, unexpected and mis-shaped ones."""
 
 

@@ -1,0 +1,1 @@
+"""End-to-end jobs built from the models and samplers: text-to-image sampling."""
