@@ -33,16 +33,45 @@ def run(config, workdir: str) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        print("error: --config and --workdir are required", file=sys.stderr)
-        sys.exit(2)
     logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    if config is None or not _WORKDIR.value:
+        _exit_with("--config and --workdir are required")
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        config.method  # a config file that failed to load raises on first use
+    except OSError as err:
+        _exit_with(str(err).strip().splitlines()[-1].strip())
+    try:
+        run(config, _WORKDIR.value)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(str(err))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with config errors (a bad file, variant or key) as one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as err:  # ml_collections raises many types while applying overrides
+        _exit_with(_describe_flag_error(err, argv))
+
+
+def _describe_flag_error(err: Exception, argv: list[str]) -> str:
+    text = str(err)
+    overrides = [a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.")]
+    unknown = [o for o in overrides if any(f"'{part}'" in text for part in o.split(".")[1:])]
+    if isinstance(err, (AttributeError, KeyError)):
+        return (f"--{unknown[0] if unknown else 'config'}: no such key in the config (unknown "
+                "keys are errors; see the config file for the keys it has)")
+    # ml_collections wraps the config file's own exception, traceback and all: its last
+    # line is the message a person needs.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"bad command line: {lines[-1] if lines else type(err).__name__}"
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

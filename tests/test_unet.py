@@ -209,3 +209,12 @@ def test_full_size_unet_maps_one_to_one_onto_diffusers(config, param_count):
     assert mapped == flat_template  # every key maps to exactly one param of the same shape
     assert len(mapped) == len(torch_shapes)
     assert sum(int(np.prod(s)) for s in mapped.values()) == param_count
+
+
+def test_bfloat16_compute_stays_close_to_float32(sd1):
+    model = UNet2DConditionModel(sd1.config, dtype=jnp.bfloat16)
+    out = jax.jit(model.apply)({"params": sd1.params}, sd1.latents, TIMESTEPS, sd1.context)
+    reference = sd1.apply({"params": sd1.params}, sd1.latents, TIMESTEPS, sd1.context)
+    assert out.dtype == jnp.float32  # the noise prediction leaves the U-Net in fp32
+    error = float(jnp.abs(out - reference).max() / jnp.abs(reference).max())
+    assert 0 < error < 5e-2  # bf16 really ran, and stayed close

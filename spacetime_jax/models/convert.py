@@ -180,5 +180,6 @@ def flax_to_torch(params: Any, *, prefix: str = "") -> dict[str, np.ndarray]:
                 value = np.transpose(value, KERNEL_TO_TORCH[value.ndim])
             leaf = "weight"
         key = prefix + flax_path_to_torch_key(tuple(module) + (leaf,))
-        out[key] = np.ascontiguousarray(value)
+        # ascontiguousarray makes 0-d arrays 1-d; CLIP's scalar logit_scale must stay 0-d.
+        out[key] = np.ascontiguousarray(value).reshape(value.shape)
     return out

@@ -1,0 +1,68 @@
+"""The command line: the sample job end to end, and bad input ending in one clear line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SPACETIME_JAX_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "spacetime_jax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_sample_job_writes_a_grid_and_one_png_per_image(cache, tmp_path):
+    result = run_main("--config=configs/sample.py:tiny", f"--workdir={tmp_path}", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "16 cross-attention layers" in result.stdout
+    singles = sorted(tmp_path.glob("0*_seed*.png"))
+    assert len(singles) == 4
+    first = np.asarray(Image.open(singles[0]))
+    assert first.shape == (64, 64, 3) and first.std() > 1.0  # a real image, not a constant
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[0] == 2 * 128  # two seeds, tiles enlarged to 128 px
+    assert (cache / "tiny-random" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sample.no_such_key=1", "no_such_key"),
+    ("--config.model=/definitely/not/here", "model folder /definitely/not/here does not exist"),
+    ("--config.sample.sampler=heun", "sample.sampler='heun' is unknown"),
+    ("--config.compute_dtype=float8", "compute_dtype='float8' is unknown"),
+])
+def test_bad_input_ends_with_one_clear_line_and_nonzero_exit(cache, tmp_path, override, message):
+    result = run_main("--config=configs/sample.py:tiny", f"--workdir={tmp_path}", override,
+                      cache=cache)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_config_variant_is_named(cache, tmp_path):
+    result = run_main("--config=configs/sample.py:huge", f"--workdir={tmp_path}", cache=cache)
+    assert result.returncode != 0
+    assert "unknown variant 'huge'" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py", "--workdir=W"], "No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/sample.py:tiny", "--config.sample.steps=abc", "--workdir=W"],
+     "invalid literal for int()"),
+    (["--workdir=W"], "--config and --workdir are required"),
+])
+def test_bad_command_lines_are_one_line(cache, args, message):
+    result = run_main(*args, cache=cache)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
