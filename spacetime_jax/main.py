@@ -19,8 +19,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this run's outputs a
 
 def _jobs():
     # Imported lazily: each job pulls in its own method's modules.
+    from spacetime_jax.neti import train as neti_train
     from spacetime_jax.pipelines import sample_job
-    return {"sample": sample_job.run}
+    from spacetime_jax.toyworld import pretrain as toyworld_pretrain
+    return {"sample": sample_job.run, "neti": neti_train.run,
+            "toyworld_pretrain": toyworld_pretrain.run}
 
 
 def run(config, workdir: str) -> None:

@@ -1,0 +1,305 @@
+"""Import a concept trained by the official NeTI code (PyTorch) as our mapper variables.
+
+The official checkpoint (`torch.save` of a dict) holds:
+  state_dict  the mapper's weights: input_layer.*, net.{0,1,2,4,5}.* (net.0 IS input_layer,
+              saved twice), output_layer.0.*
+  cfg         the run config: pyrallis.encode(RunConfig) (a dict) in the official code, a
+              pickled RunConfig object in some forks
+  encoder     the pickled positional-encoding module: NeTIPositionalEncoding with the random
+              matrix `w` (and sigma_t, sigma_l, num_w), or BasicEncoder for the plain encoder
+The pickled classes live in the official repository's modules, which are not installed here.
+The file is read with an unpickler that resolves only torch, numpy and standard-library
+containers, and stands in a recording object for every other class: nothing of the official
+package is imported or executed. (Not a sandbox: torch's own globals are trusted, so read
+only files you trust, as with any torch.load(weights_only=False).)
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import enum
+import functools
+import pathlib
+import pickle
+import types
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from spacetime_jax.errors import UserError
+from spacetime_jax.models import convert
+from spacetime_jax.neti.mapper import MapperConfig, NeTIMapper
+
+REQUIRED_KEYS = ("state_dict", "cfg", "encoder")
+DEFAULT_NUM_LAYERS = 16  # the reference's UNET_LAYERS
+DEFAULT_ANCHORS = 10
+
+# Globals the unpickler may resolve for real; every other class becomes a StandIn.
+_REAL_MODULE_PREFIXES = ("torch", "numpy", "collections", "pathlib", "datetime", "_codecs")
+_SAFE_BUILTINS = frozenset({"set", "frozenset", "list", "dict", "tuple", "slice", "complex",
+                            "int", "float", "bool", "str", "bytes", "bytearray", "range",
+                            "object"})
+_SAFE_COPYREG = frozenset({"_reconstructor"})
+
+
+@dataclasses.dataclass
+class ImportedConcept:
+    mapper_config: MapperConfig
+    variables: dict             # {"params": ..., "encoding": {"W": ...}} (no encoding: plain)
+    placeholder_token: Optional[str]
+    super_category_token: Optional[str]
+    base_model: Optional[str]
+    # cfg.model.target_norm where the run saved it; None: the caller computes it as the norm
+    # of the super-category token's input embedding.
+    target_norm: Optional[float]
+    raw_cfg_dict: dict          # the run config as plain data
+
+
+class StandIn:
+    """Whatever the pickle described, recorded: constructor args and state (attributes)."""
+    _pickled_as = "?"
+    _args: tuple = ()   # class defaults: unpickling may skip __init__
+    _kwargs: dict = {}
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+        self._kwargs = kwargs
+
+    def __setstate__(self, state):
+        # (dict state, slot state) for objects with __slots__; plain dict otherwise.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self._state = state
+
+    def __repr__(self):
+        return f"StandIn({self._pickled_as})"
+
+
+@functools.lru_cache(maxsize=None)
+def _stand_in_class(module: str, name: str) -> type:
+    return type(name, (StandIn,), {"_pickled_as": f"{module}.{name}", "__module__": module})
+
+
+class Unpickler(pickle.Unpickler):
+    """Resolves torch / numpy / standard containers; stands in for every other class."""
+
+    def find_class(self, module: str, name: str):
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return getattr(builtins, name)
+        if module == "copyreg" and name in _SAFE_COPYREG:
+            return super().find_class(module, name)
+        if module.split(".")[0] in _REAL_MODULE_PREFIXES:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                pass
+        return _stand_in_class(module, name)
+
+
+# torch.load(pickle_module=...) uses the module's Unpickler (and load for legacy files).
+stand_in_pickle = types.ModuleType("stand_in_pickle")
+stand_in_pickle.Unpickler = Unpickler
+stand_in_pickle.load = lambda f, **kwargs: Unpickler(f, **kwargs).load()
+
+
+def load_torch_file(path: str) -> Any:
+    """torch.load without the classes the file names (they become StandIns)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=stand_in_pickle)
+    except FileNotFoundError:
+        raise UserError(f"NeTI checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises many kinds for a file that is not its own
+        raise UserError(f"{path} is not a readable PyTorch file: {e}") from None
+
+
+# ---------------------------------------------------------------------------- cfg
+
+def plain_data(value: Any) -> Any:
+    """cfg objects (dataclasses, StandIns, enums, paths, tensors) -> JSON-like data."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, enum.Enum):
+        return plain_data(value.value)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, StandIn):
+        state = {k: v for k, v in vars(value).items() if not k.startswith("_")}
+        if state:
+            return plain_data(state)
+        if len(value._args) == 1 and not value._kwargs:  # e.g. an enum member: Cls(value)
+            return plain_data(value._args[0])
+        return repr(value)
+    if dataclasses.is_dataclass(value):
+        return plain_data(vars(value))
+    return repr(value)
+
+
+def _cfg_field(cfg: dict, section: str, name: str, default: Any = None) -> Any:
+    value = (cfg.get(section) or {}).get(name, default)
+    return default if value is None else value
+
+
+# ---------------------------------------------------------------------------- encoder
+
+def _encoder_attribute(encoder: Any, name: str) -> Any:
+    """An attribute of the pickled encoder module: plain attribute, parameter or buffer.
+
+    The reference keeps `w` as a plain tensor attribute (so it is missing from the mapper's
+    state_dict); where it is a registered parameter, the state_dict's `encoder.w` has it too.
+    """
+    state = vars(encoder) if hasattr(encoder, "__dict__") else {}
+    if name in state:
+        return state[name]
+    for registry in ("_parameters", "_buffers"):
+        if name in (state.get(registry) or {}):
+            return state[registry][name]
+    return None
+
+
+def _with_encoder_state(encoder: Any, state_dict: dict) -> Any:
+    """The encoder, with `encoder.*` entries of the state dict filled in as attributes."""
+    saved = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if not saved:
+        return encoder
+    merged = StandIn()
+    merged.__dict__.update(vars(encoder) if hasattr(encoder, "__dict__") else {})
+    merged.__dict__.update(saved)
+    return merged
+
+
+def _encoder_kind(encoder: Any, state_dict: dict) -> str:
+    if _encoder_attribute(encoder, "w") is not None:
+        return "fourier"
+    if _encoder_attribute(encoder, "normalized_timesteps") is not None:
+        return "plain"
+    if "input_layer.weight" in state_dict:
+        raise UserError("NeTI checkpoint: the pickled encoder holds no matrix `w`; without "
+                        "it the concept cannot be reproduced")
+    return "plain"
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float32).cpu().numpy()
+    return np.asarray(value, np.float32)
+
+
+# ---------------------------------------------------------------------------- config
+
+def _token_dim(output_width: int, cfg: dict, token_dim: Optional[int]) -> tuple[int, bool]:
+    """(token_dim, use_bypass) from the output layer's width."""
+    if token_dim is None:
+        bypass = bool(_cfg_field(cfg, "model", "output_bypass", True))
+        if bypass and output_width % 2:
+            raise UserError(f"NeTI checkpoint: cfg says output_bypass, but the output width "
+                            f"{output_width} is odd")
+        return (output_width // 2, True) if bypass else (output_width, False)
+    if output_width == 2 * token_dim:
+        return token_dim, True
+    if output_width == token_dim:
+        return token_dim, False
+    raise UserError(f"NeTI checkpoint: output width {output_width} is neither token_dim "
+                    f"{token_dim} nor twice it")
+
+
+def _mapper_config(state_dict: dict, encoder: Any, cfg: dict, kind: str,
+                   token_dim: Optional[int]) -> MapperConfig:
+    net_1 = state_dict["net.1.weight"]  # (hidden, input width)
+    hidden_width, input_width = (int(n) for n in net_1.shape)
+    dim, use_bypass = _token_dim(int(state_dict["output_layer.0.weight"].shape[0]), cfg,
+                                 token_dim)
+    sigmas = _cfg_field(cfg, "model", "pe_sigmas", {}) or {}
+    fields = dict(hidden_width=hidden_width, token_dim=dim, use_bypass=use_bypass,
+                  nested_dropout=bool(_cfg_field(cfg, "model", "use_nested_dropout", True)),
+                  nested_dropout_prob=float(_cfg_field(cfg, "model", "nested_dropout_prob", 0.5)),
+                  encoder=kind)
+    if kind == "fourier":
+        w = _as_numpy(_encoder_attribute(encoder, "w"))
+        anchors = int(_cfg_field(cfg, "model", "num_pe_time_anchors", DEFAULT_ANCHORS))
+        if input_width % anchors:
+            raise UserError(f"NeTI checkpoint: input width {input_width} is not a multiple of "
+                            f"num_pe_time_anchors {anchors}")
+        sigma_t = _encoder_attribute(encoder, "sigma_t")
+        sigma_l = _encoder_attribute(encoder, "sigma_l")
+        fields.update(
+            num_frequencies=int(w.shape[0]), num_anchor_timesteps=anchors,
+            num_layers=input_width // anchors,
+            sigma_t=float(sigma_t if sigma_t is not None else sigmas.get("sigma_t", 0.03)),
+            sigma_l=float(sigma_l if sigma_l is not None else sigmas.get("sigma_l", 2.0)))
+    else:
+        layer_table = _encoder_attribute(encoder, "normalized_unet_layers")
+        fields["num_layers"] = (len(layer_table) if layer_table is not None
+                                else DEFAULT_NUM_LAYERS)
+    return MapperConfig(**fields)
+
+
+# ---------------------------------------------------------------------------- weights
+
+def _check_duplicate_input_layer(state_dict: dict) -> None:
+    """net.0 is the same module as input_layer: equal weights, or the file is inconsistent."""
+    for leaf in ("weight", "bias"):
+        a, b = state_dict.get(f"input_layer.{leaf}"), state_dict.get(f"net.0.{leaf}")
+        if a is not None and b is not None and not torch.equal(a, b):
+            raise UserError(f"NeTI checkpoint: net.0.{leaf} differs from input_layer.{leaf} "
+                            f"(they are one module in the reference)")
+
+
+def _variables(state_dict: dict, encoder: Any, config: MapperConfig) -> dict:
+    mapper_weights = {k: _as_numpy(v) for k, v in state_dict.items()
+                      if not k.startswith(("net.0.", "encoder."))}
+    zeros = jnp.zeros((1,), jnp.float32)
+    template = jax.eval_shape(NeTIMapper(config).init, jax.random.key(0), zeros, zeros, 1.0)
+    variables = {"params": convert.torch_to_flax(mapper_weights, template["params"],
+                                                 what="NeTI mapper")}
+    if config.encoder == "fourier":
+        variables["encoding"] = {"W": jnp.asarray(_as_numpy(_encoder_attribute(encoder, "w")))}
+    return variables
+
+
+def import_neti_checkpoint(path: str, *, token_dim: Optional[int] = None) -> ImportedConcept:
+    """An official NeTI mapper checkpoint (e.g. `mapper-steps-1000.pt`) -> ImportedConcept.
+
+    token_dim: the text encoder's width; None reads it off the output layer and the cfg's
+    output_bypass (768 for SD 1.x with the bypass: an output of 1536).
+    """
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a NeTI mapper checkpoint: it holds a "
+                        f"{type(checkpoint).__name__}, not a dict with keys {list(REQUIRED_KEYS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a NeTI mapper checkpoint: missing keys {missing} "
+                        f"(found {sorted(map(str, checkpoint))})")
+    state_dict = dict(checkpoint["state_dict"])
+    missing = [k for k in ("net.1.weight", "output_layer.0.weight") if k not in state_dict]
+    if missing:
+        raise UserError(f"{path} is not a NeTI mapper checkpoint: its state_dict lacks "
+                        f"{missing}")
+    _check_duplicate_input_layer(state_dict)
+    cfg = plain_data(checkpoint["cfg"])
+    cfg = cfg if isinstance(cfg, dict) else {}
+    encoder = _with_encoder_state(checkpoint["encoder"], state_dict)
+    kind = _encoder_kind(encoder, state_dict)
+    config = _mapper_config(state_dict, encoder, cfg, kind, token_dim)
+    target_norm = _cfg_field(cfg, "model", "target_norm")
+    return ImportedConcept(
+        mapper_config=config,
+        variables=_variables(state_dict, encoder, config),
+        placeholder_token=_cfg_field(cfg, "data", "placeholder_token"),
+        super_category_token=_cfg_field(cfg, "data", "super_category_token"),
+        base_model=_cfg_field(cfg, "model", "pretrained_model_name_or_path"),
+        target_norm=None if target_norm is None else float(target_norm),
+        raw_cfg_dict=cfg)

@@ -1,0 +1,136 @@
+"""The NeTI training step: pure functions, one compiled call per optimizer step.
+
+Every concept-indexed array carries a leading concept axis K (K = 1 for a single concept: the
+same code path). The per-concept loss is vmapped over K with `spmd_axis_name="concept"`, so on
+a mesh the K concepts spread over the `concept` axis and each concept's batch over `data`.
+Gradient accumulation is a `lax.scan` over micro-batches inside the step. Everything random in
+a step (images, flips, prompts, latents, noise, timesteps, nested dropout) comes from
+fold_in(key(concept seed), step): a concept's run does not depend on its batch-mates, and a
+resumed run draws what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from spacetime_jax.data.latents import LatentMoments, sample_latents
+from spacetime_jax.diffusion.schedules import (DDPMSchedule, add_noise, sample_timesteps,
+                                               training_target)
+from spacetime_jax.neti.sample import concept_contexts
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # () int32: optimizer steps taken
+    params: Any          # mapper params, leading axis K
+    opt_state: Any       # optimizer state, leading axis K
+
+
+@flax.struct.dataclass
+class ConceptData:
+    """What a step draws a concept's examples from; leading axis K on every field."""
+    moments: LatentMoments    # (K, R, h, w, c): each image and its flip, padded to R rows
+    num_rows: jax.Array       # (K,) valid rows of `moments`
+    prompt_ids: jax.Array     # (K, P, 77) the templates with the placeholder, tokenized
+    positions: jax.Array      # (K, P) the placeholder's position in each template
+    target_norms: jax.Array   # (K,)
+    seeds: jax.Array          # (K,) uint32 per-concept seed
+    encoding: Any             # the mappers' fixed variables (Fourier W), leading axis K
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStatics:
+    """Everything static the step closes over: modules, shapes and settings (hashable)."""
+    unet: Any
+    text_encoder: Any
+    mapper: Any
+    mapper_config: Any
+    prediction_type: str
+    scaling_factor: float
+    batch_size: int
+    grad_accum: int
+    num_train_timesteps: int
+    batch_sharding: Optional[NamedSharding] = None  # (B, ...) over `data`, inside the vmap
+
+
+def _constrain_batch(x: jax.Array, statics: StepStatics) -> jax.Array:
+    if statics.batch_sharding is None:
+        return x
+    spec = P(*statics.batch_sharding.spec, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(statics.batch_sharding.mesh, spec))
+
+
+def micro_batch_loss(params, frozen, schedule: DDPMSchedule, data: ConceptData, rng,
+                     statics: StepStatics, train: bool = True) -> jax.Array:
+    """Noise-prediction MSE of one concept on one micro-batch drawn from `rng` (with nested
+    dropout when `train`)."""
+    unet_params, text_params = frozen
+    rows_rng, prompt_rng, latent_rng, noise_rng, t_rng, dropout_rng = jax.random.split(rng, 6)
+    batch = statics.batch_size
+    rows = jax.random.randint(rows_rng, (batch,), 0, data.num_rows)
+    prompts = jax.random.randint(prompt_rng, (batch,), 0, data.prompt_ids.shape[0])
+    latents = _constrain_batch(
+        sample_latents(latent_rng, data.moments, rows, statics.scaling_factor), statics)
+    noise = jax.random.normal(noise_rng, latents.shape)
+    timesteps = sample_timesteps(t_rng, batch, statics.num_train_timesteps)
+    noisy = add_noise(schedule, latents, noise, timesteps)
+    variables = {"params": params, **data.encoding}
+    contexts = concept_contexts(
+        statics.text_encoder, text_params, statics.mapper, variables, statics.mapper_config,
+        data.prompt_ids[prompts], data.positions[prompts], timesteps, data.target_norms,
+        dropout_rng=dropout_rng if train else None)
+    prediction = statics.unet.apply({"params": unet_params}, noisy, timesteps, contexts)
+    target = training_target(schedule, latents, noise, timesteps, statics.prediction_type)
+    return jnp.mean((prediction.astype(jnp.float32) - target) ** 2)
+
+
+def concept_grads(params, frozen, schedule, data: ConceptData, step_rng, statics: StepStatics):
+    """Mean loss and gradient over `grad_accum` micro-batches of one concept."""
+    grad_fn = jax.value_and_grad(micro_batch_loss)
+
+    def accumulate(carry, micro):
+        loss, grads = grad_fn(params, frozen, schedule, data, jax.random.fold_in(step_rng, micro),
+                              statics)
+        total_loss, total_grads = carry
+        return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0.0), zeros),
+                                    jnp.arange(statics.grad_accum))
+    scale = 1.0 / statics.grad_accum
+    return loss * scale, jax.tree.map(lambda g: g * scale, grads)
+
+
+def step_rngs(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+
+
+def train_step(state: TrainState, data: ConceptData, frozen, schedule: DDPMSchedule, *,
+               optimizer: optax.GradientTransformation,
+               statics: StepStatics) -> tuple[TrainState, jax.Array]:
+    """One optimizer step for all K concepts; returns the new state and the (K,) losses."""
+    rngs = step_rngs(data.seeds, state.step)
+    per_concept = jax.vmap(concept_grads, in_axes=(0, None, None, 0, 0, None),
+                           spmd_axis_name="concept" if statics.batch_sharding else None)
+    losses, grads = per_concept(state.params, frozen, schedule, data, rngs, statics)
+    updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), losses
+
+
+def evaluation_loss(params, data: ConceptData, frozen, schedule: DDPMSchedule,
+                    eval_seeds: jax.Array, statics: StepStatics) -> jax.Array:
+    """(K,) loss on fixed draws (examples, noise, timesteps) from `eval_seeds`, without
+    nested dropout: the same draws for any params, so it measures progress on held-out
+    (noise, timestep) pairs."""
+    def one(params_k, data_k, seed):
+        rngs = jax.random.split(jax.random.key(seed), statics.grad_accum)
+        return jax.vmap(lambda r: micro_batch_loss(params_k, frozen, schedule, data_k, r, statics,
+                                                   train=False))(rngs).mean()
+    return jax.vmap(one)(params, data, eval_seeds)

@@ -1,0 +1,1 @@
+"""Devices and shardings: the mesh, the sharding rules, multi-host start-up."""

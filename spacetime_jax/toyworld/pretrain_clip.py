@@ -1,0 +1,277 @@
+"""Stage 1 of the toy-world Stable Diffusion: a small CLIP trained contrastively on captioned
+toy-world images, with a tokenizer built for the world's words.
+
+As in SD, the U-Net (stage 3) is conditioned on this CLIP's frozen text tower; the vision
+tower is ELITE's image encoder. Text tower: causal transformer, quick_gelu, MLP 4x wide,
+pooled at the EOS token; vision tower: ViT on the 64x64 images themselves (8x8 patches:
+64 patches + CLS), CLIP-normalized.
+
+Captions are trained at the length of the longest one, not at CLIP's 77: with causal
+attention the pooled EOS features never see the padding after them, so the loss and its
+gradients are exactly those of 77-token inputs. Positions past the longest caption keep their
+initial embeddings, as padding positions of any CLIP trained on short captions do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from spacetime_jax.data.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
+from spacetime_jax.models import host_init
+from spacetime_jax.models.clip import CLIPModel, CLIPModelConfig, contrastive_loss
+from spacetime_jax.models.clip_text import CLIPTextConfig
+from spacetime_jax.models.clip_vision import CLIPVisionConfig, clip_preprocess
+from spacetime_jax.models.tokenizer import (MAX_LENGTH, TokenizerInfo,
+                                            build_clip_tokenizer_files, load_tokenizer,
+                                            tokenize)
+from spacetime_jax.toyworld.captions import world_vocabulary
+from spacetime_jax.toyworld.scene import COLORS
+
+# NeTI's validation prompts: prompts written for this world should tokenize to whole words.
+NETI_VALIDATION_PROMPTS = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
+                           "A painting of {} in the style of Monet")
+BACKGROUND_PROMPTS = tuple(f"{{}} on a {color} background" for color in COLORS)
+
+EVAL_BATCH = 64  # retrieval is scored among the captions of one held-out batch of this size
+MAX_HELD_OUT = 1024
+MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clips the temperature's inverse at 100
+LOG_LINES = 20  # progress lines per run
+
+
+@dataclasses.dataclass
+class ClipStageResult:
+    """A trained toy-world CLIP: its config, its params (CLIPModel's tree, numpy float32),
+    the tokenizer folder it reads, and how well it learned."""
+    config: CLIPModelConfig
+    params: dict
+    tokenizer_dir: Path
+    final_loss: float  # mean training loss over the last progress window
+    retrieval_accuracy: float  # held-out image -> caption top-1 within batches of 64
+    loss_curve: list[tuple[int, float]]  # (step, mean loss over the window ending there)
+    train_seconds: float  # the loop, compilation included
+
+    @property
+    def text_config(self) -> CLIPTextConfig:
+        return self.config.text
+
+    @property
+    def text_params(self) -> dict:
+        return self.params["text_model"]
+
+    @property
+    def vision_config(self) -> CLIPVisionConfig:
+        return self.config.vision
+
+    @property
+    def vision_params(self) -> dict:
+        return self.params["vision_model"]
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def world_prompt_words() -> list[str]:
+    """Every word of the world's captions, of the prompt templates and of NeTI's validation
+    prompts (the `{}` left out), sorted."""
+    words = set(world_vocabulary())
+    templates = OBJECT_TEMPLATES + STYLE_TEMPLATES + NETI_VALIDATION_PROMPTS + BACKGROUND_PROMPTS
+    for template in templates:
+        words |= set(template.replace("{}", " ").split())
+    return sorted(words)
+
+
+def build_world_tokenizer(out_dir: str | Path) -> TokenizerInfo:
+    """Writes a CLIP tokenizer in which each of `world_prompt_words()` is one token."""
+    return build_clip_tokenizer_files(world_prompt_words(), out_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def clip_model_config(config: ml_collections.ConfigDict, tokens: TokenizerInfo
+                      ) -> CLIPModelConfig:
+    """The stage's CLIP: transformer widths from `config`, special ids from the tokenizer."""
+    text = CLIPTextConfig(
+        vocab_size=tokens.vocab_size, hidden_size=config.width,
+        intermediate_size=4 * config.width, projection_dim=config.projection_dim,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.heads,
+        max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        pad_token_id=tokens.pad_token_id, bos_token_id=tokens.bos_token_id,
+        eos_token_id=tokens.eos_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_width, intermediate_size=4 * config.vision_width,
+        projection_dim=config.projection_dim, num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.heads, image_size=config.image_size,
+        patch_size=config.patch_size, hidden_act="quick_gelu")
+    return CLIPModelConfig(text=text, vision=vision, projection_dim=config.projection_dim)
+
+
+def init_params(model_config: CLIPModelConfig, seed: int) -> dict:
+    """Host-drawn params (jit of linen's init compiles slowly on CPU); logit_scale starts at
+    CLIP's log(1 / 0.07)."""
+    size = model_config.vision.image_size
+    template = host_init.param_template(CLIPModel(model_config), jnp.zeros((1, 1), jnp.int32),
+                                        jnp.zeros((1, size, size, 3)))
+    params = host_init.host_init(template, seed)
+    params["logit_scale"] = np.asarray(model_config.logit_scale_init_value, np.float32)
+    return params
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (CLIP's betas and eps) with linear warmup then cosine decay to 0; weight decay
+    on matrices only (not on biases, norms, the class embedding or logit_scale)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1))
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=config.weight_decay,
+                       mask=decay_mask)
+
+
+def make_train_step(model: CLIPModel, optimizer: optax.GradientTransformation,
+                    image_size: int) -> Callable:
+    """(params, opt_state, ids, uint8 images) -> (params, opt_state, loss); compiled once,
+    params and optimizer state donated."""
+
+    def loss_fn(params, ids, images):
+        logits_per_image, _ = model.apply({"params": params}, ids,
+                                          clip_preprocess(images, image_size))
+        return contrastive_loss(logits_per_image)
+
+    def step(params, opt_state, ids, images):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids, images)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+        return params, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def caption_ids(tokenizer_dir: Path, captions: Sequence[str]) -> np.ndarray:
+    """(N, L) int32 ids cut to the longest caption (bos ... eos); see the module docstring."""
+    ids = tokenize(load_tokenizer(tokenizer_dir), captions)
+    eos_id = ids[0, -1]  # padding is eos
+    longest = int(np.argmax(ids == eos_id, axis=1).max()) + 1
+    return ids[:, :longest]
+
+
+def held_out_count(n: int) -> int:
+    """Examples kept for evaluation: about a tenth, whole batches of 64, at most 1024."""
+    return min(MAX_HELD_OUT, EVAL_BATCH * max(1, n // 10 // EVAL_BATCH))
+
+
+def minibatch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless minibatches: each epoch a fresh seeded permutation, the ragged end dropped."""
+    if n < batch_size:
+        raise ValueError(f"{n} training examples are fewer than batch_size={batch_size}")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def retrieval_accuracy(model: CLIPModel, params: Any, ids: np.ndarray, images: np.ndarray,
+                       image_size: int) -> float:
+    """Image -> caption top-1 accuracy within each batch of EVAL_BATCH examples."""
+
+    @jax.jit
+    def correct(params, ids, images):
+        logits_per_image, _ = model.apply({"params": params}, ids,
+                                          clip_preprocess(images, image_size))
+        return jnp.sum(jnp.argmax(logits_per_image, axis=1) == jnp.arange(ids.shape[0]))
+
+    batches = len(ids) // EVAL_BATCH
+    hits = sum(int(correct(params, ids[i * EVAL_BATCH:(i + 1) * EVAL_BATCH],
+                           images[i * EVAL_BATCH:(i + 1) * EVAL_BATCH]))
+               for i in range(batches))
+    return hits / (batches * EVAL_BATCH)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collections.ConfigDict,
+               workdir: str | Path, log: Callable[[str], None] = print) -> ClipStageResult:
+    """Builds the world tokenizer under workdir/tokenizer, trains CLIP on (images, captions)
+    minus a held-out tail, and scores retrieval on that tail.
+
+    images: (N, H, W, 3) uint8; captions: N strings.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+
+    # --- tokenizer and captions, tokenized once
+    tokenizer_dir = Path(workdir) / "tokenizer"
+    tokens = build_world_tokenizer(tokenizer_dir)
+    ids = caption_ids(tokenizer_dir, captions)
+    held_out = held_out_count(len(images))
+    train_ids, train_images = ids[:-held_out], images[:-held_out]
+    eval_ids, eval_images = ids[-held_out:], images[-held_out:]
+    log(f"clip: {len(train_ids)} training / {held_out} held-out examples, captions of "
+        f"{ids.shape[1]} tokens, vocabulary {tokens.vocab_size}")
+
+    # --- model, params, optimizer, compiled step
+    model_config = clip_model_config(config, tokens)
+    model = CLIPModel(model_config)
+    params = jax.device_put(init_params(model_config, config.seed))
+    optimizer = make_optimizer(config)
+    opt_state = optimizer.init(params)
+    train_step = make_train_step(model, optimizer, config.image_size)
+
+    # --- loop
+    batches = minibatch_indices(len(train_ids), config.batch_size, config.seed)
+    log_every = max(1, config.steps // LOG_LINES)
+    window: list[jax.Array] = []
+    loss_curve: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    compiled_at = None
+    for step in range(1, config.steps + 1):
+        batch = next(batches)
+        params, opt_state, loss = train_step(params, opt_state, train_ids[batch],
+                                             train_images[batch])
+        window.append(loss)
+        if step == 1:
+            loss.block_until_ready()
+            compiled_at = time.perf_counter()
+            log(f"clip: step 1 (compile included) took {compiled_at - start:.1f}s")
+        if step % log_every == 0 or step == config.steps:
+            mean_loss = float(np.mean(jax.device_get(window)))
+            window = []
+            loss_curve.append((step, mean_loss))
+            rate = (step - 1) / max(time.perf_counter() - compiled_at, 1e-9)
+            eta = (config.steps - step) / max(rate, 1e-9)
+            log(f"clip: step {step}/{config.steps}  loss {mean_loss:.4f}  "
+                f"{rate:.2f} it/s  eta {eta:.0f}s")
+    train_seconds = time.perf_counter() - start
+
+    # --- evaluation
+    params = jax.device_get(params)
+    accuracy = retrieval_accuracy(model, params, eval_ids, eval_images, config.image_size)
+    log(f"clip: held-out retrieval top-1 (batches of {EVAL_BATCH}) {accuracy:.3f}, "
+        f"final loss {loss_curve[-1][1]:.4f}, {train_seconds:.0f}s")
+    return ClipStageResult(config=model_config, params=params, tokenizer_dir=tokenizer_dir,
+                           final_loss=loss_curve[-1][1], retrieval_accuracy=accuracy,
+                           loss_curve=loss_curve, train_seconds=train_seconds)

@@ -1,0 +1,182 @@
+"""Stage 2 of the toy-world Stable Diffusion: a KL autoencoder (our AutoencoderKL, SD's
+topology at toy widths: 64x64x3 images <-> 8x8x4 latents).
+
+Loss = L1 reconstruction (mean absolute error per pixel channel, images in [-1, 1])
+       + kl_weight * KL(q(z|x) || N(0, I)) (mean per latent element).
+SD's autoencoder added LPIPS and a patch GAN to the L1 term and weighted a KL summed over the
+latent by 1e-6 against a reconstruction summed over the pixels; we have no perceptual or
+adversarial term (the toy world is flat colors and hard edges, which L1 reconstructs), and
+with both terms as means a weight of 1e-6 keeps the KL about as small as SD's: it only stops
+the posterior variances from collapsing to zero.
+
+After training, the scaling factor is set as SD's 0.18215 was: 1 / the standard deviation of
+latents drawn from the posterior of a sample of training images, so that the U-Net's latents
+have unit variance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from spacetime_jax.data.latents import encode_moments
+from spacetime_jax.models.host_init import host_init, param_template
+from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
+from spacetime_jax.training.progress import Progress
+
+HELD_OUT = 64  # images kept out of training to measure reconstruction on
+SCALING_SAMPLE = 2048  # images whose latents set the scaling factor
+LOG_LINES = 20
+
+
+class VAEStageResult(NamedTuple):
+    config: VAEConfig  # scaling_factor set from the trained latents
+    params: Any  # numpy float32 tree
+    final_loss: float  # mean training loss over the last progress window
+    heldout_l1_before: float  # reconstruction L1 (posterior means) on held-out images, at init
+    heldout_l1_after: float  # the same after training
+    train_seconds: float  # the loop, compilation included
+
+
+def vae_config(config: ml_collections.ConfigDict, image_size: int) -> VAEConfig:
+    """SD's AutoencoderKL layout (one DownEncoderBlock2D per width, 4 latent channels)."""
+    blocks = len(config.channels)
+    return VAEConfig(down_block_types=("DownEncoderBlock2D",) * blocks,
+                     up_block_types=("UpDecoderBlock2D",) * blocks,
+                     block_out_channels=tuple(config.channels),
+                     layers_per_block=config.layers_per_block, latent_channels=4,
+                     norm_num_groups=config.norm_num_groups, sample_size=image_size)
+
+
+def init_params(model: AutoencoderKL, image_size: int, seed: int) -> dict:
+    """Host-drawn params (jit of linen's init compiles slowly on CPU)."""
+    images = jnp.zeros((1, image_size, image_size, model.config.in_channels))
+    return host_init(param_template(model, images), seed)
+
+
+def to_model_range(images_uint8: jax.Array) -> jax.Array:
+    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def vae_losses(model: AutoencoderKL, params: Any, images: jax.Array,
+               rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(L1 reconstruction of a posterior draw, KL per latent element) for images in [-1, 1]."""
+    mean, logvar = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+    latents = sample_latents(rng, mean, logvar)
+    reconstruction = model.apply({"params": params}, latents, method=AutoencoderKL.decode)
+    l1 = jnp.mean(jnp.abs(reconstruction - images))
+    kl = jnp.mean(0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar))
+    return l1, kl
+
+
+def make_reconstruction_l1(model: AutoencoderKL) -> Callable[[Any, np.ndarray], float]:
+    """(params, uint8 images) -> L1 of decode(posterior mean) against the images."""
+
+    @jax.jit
+    def l1(params, images_uint8):
+        images = to_model_range(images_uint8)
+        mean, _ = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+        reconstruction = model.apply({"params": params}, mean, method=AutoencoderKL.decode)
+        return jnp.mean(jnp.abs(reconstruction - images))
+
+    return lambda params, images: float(l1(params, jnp.asarray(images)))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW, linear warmup then cosine decay to a tenth: a short run ends on small steps."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps,
+        max(config.steps, config.warmup_steps + 1), end_value=0.1 * config.learning_rate)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def make_train_step(model: AutoencoderKL, optimizer: optax.GradientTransformation,
+                    kl_weight: float) -> Callable:
+    """(params, opt_state, uint8 images, key, step) -> (params, opt_state, metrics); compiled
+    once, params and optimizer state donated."""
+
+    def loss_fn(params, images, rng):
+        l1, kl = vae_losses(model, params, images, rng)
+        return l1 + kl_weight * kl, (l1, kl)
+
+    def step(params, opt_state, images_uint8, key, step_index):
+        rng = jax.random.fold_in(key, step_index)
+        (loss, (l1, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, to_model_range(images_uint8), rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "l1": l1,
+                                                                 "kl": kl}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def minibatches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless minibatch indices: a fresh seeded permutation each epoch, ragged end dropped."""
+    if n < batch_size:
+        raise ValueError(f"{n} training images are fewer than batch_size={batch_size}")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int) -> float:
+    """Std of posterior draws over `images` (all latent elements pooled)."""
+    means, logvars = encode_moments(model, params, images, batch_size=256)
+    draws = sample_latents(jax.random.key(seed), jnp.asarray(means), jnp.asarray(logvars))
+    return float(jnp.std(draws))
+
+
+def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: str | Path,
+              log: Callable[[str], Any] = print) -> VAEStageResult:
+    """Trains the autoencoder on uint8 images (N, S, S, 3) minus HELD_OUT held-out ones;
+    progress lines and workdir/metrics.jsonl."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, S, S, 3) uint8, got {images.shape} {images.dtype}")
+    train_images, heldout_images = images[:-HELD_OUT], images[-HELD_OUT:]
+
+    # --- model, params, optimizer, compiled step
+    model_config = vae_config(config, images.shape[1])
+    model = AutoencoderKL(model_config)
+    params = jax.device_put(init_params(model, images.shape[1], config.seed))
+    optimizer = make_optimizer(config)
+    opt_state = optimizer.init(params)
+    train_step = make_train_step(model, optimizer, config.kl_weight)
+    reconstruction_l1 = make_reconstruction_l1(model)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    log(f"vae: {count / 1e6:.2f}M params, {len(train_images)} training / {HELD_OUT} held-out "
+        f"images, {config.steps} steps of {config.batch_size}")
+    heldout_before = reconstruction_l1(params, heldout_images)
+
+    # --- loop
+    key = jax.random.key(config.seed)
+    batches = minibatches(len(train_images), config.batch_size, config.seed)
+    progress = Progress(config.steps, max(1, config.steps // LOG_LINES), workdir,
+                        log=lambda line: log(f"vae: {line}"))
+    start = time.perf_counter()
+    record = {}
+    for step in range(1, config.steps + 1):
+        params, opt_state, metrics = train_step(params, opt_state, train_images[next(batches)],
+                                                key, step)
+        record = progress.update(step, **metrics) or record
+    train_seconds = time.perf_counter() - start
+
+    # --- held-out reconstruction and the scaling factor
+    heldout_after = reconstruction_l1(params, heldout_images)
+    params = jax.device_get(params)
+    std = latent_std(model, params, train_images[:SCALING_SAMPLE], config.seed)
+    model_config = dataclasses.replace(model_config, scaling_factor=1.0 / std)
+    log(f"vae: held-out L1 {heldout_before:.4f} -> {heldout_after:.4f}, latent std "
+        f"{std:.4f} -> scaling_factor {model_config.scaling_factor:.5f}, "
+        f"{train_seconds:.0f}s")
+    return VAEStageResult(model_config, params, record["loss"], heldout_before, heldout_after,
+                          train_seconds)

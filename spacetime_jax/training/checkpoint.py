@@ -1,0 +1,191 @@
+"""Checkpoints of a training run, through orbax: what is saved and how a run resumes.
+
+Layout: <workdir>/checkpoints/<step>/ with three items:
+  state     the pytree the caller passes (trainable params, optimizer state, step, PRNG key,
+            data position ...), written by orbax's StandardCheckpointHandler;
+  config    the run's config as a JSON dict;
+  metadata  JSON facts about the run (concept names, placeholder tokens ...).
+
+Atomicity (orbax's own protocol, not ours): a save writes into
+`<step>.orbax-checkpoint-tmp` and, once every item is on disk, writes a commit_success file
+and renames the folder to `<step>` (orbax's AtomicRenameTemporaryPath, the default on local and
+POSIX filesystems; on GCS orbax marks completion with the commit file instead). Step listing
+skips unfinished folders, so a process killed during an async save leaves the previous
+checkpoint as the latest complete one; the next Checkpointer on the workdir removes the
+leftover temporary folder.
+
+PRNG keys: orbax stores plain arrays, so a typed key (jax.random.key) in `state` is written as
+its uint32 `jax.random.key_data` and wrapped back with `jax.random.wrap_key_data` using the
+key dtype of the matching leaf of `abstract_state`. Callers just keep typed keys in the state.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from spacetime_jax.errors import UserError
+
+# Keys a resumed run may change: extending a run to more steps must not need a new workdir.
+RESUMABLE_KEYS = ("train.steps",)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+class Checkpointer:
+    """Saves and restores a run's (state, config, metadata) under workdir/checkpoints.
+
+    Use as a context manager, or call close(): an async save still in flight at exit would
+    otherwise be lost.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
+        )
+        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+    def save(self, step: int, state: Any, config_dict: Mapping[str, Any],
+             metadata: Mapping[str, Any]) -> bool:
+        """Starts writing checkpoint `step`; returns False, writing nothing, when `step` or a
+        later step is already saved.
+
+        With async_save the call returns once the arrays are copied to host memory (so the
+        caller may donate or overwrite them); the files are written in a background thread.
+        """
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_keys_to_data(state)),
+            config=ocp.args.JsonSave(dict(config_dict)),
+            metadata=ocp.args.JsonSave(dict(metadata)),
+        ))
+
+    def latest_step(self) -> int | None:
+        """The newest saved step (one still being written by this process included)."""
+        return self._manager.latest_step()
+
+    def restore(self, step: int | None = None, *,
+                abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Reads (state, config_dict, metadata) of `step` (default: the latest).
+
+        abstract_state: the state's structure as jax.ShapeDtypeStruct leaves (or arrays); each
+        leaf's dtype and sharding say how it comes back (a leaf without a sharding gets the
+        one it was saved with).
+        """
+        self.wait()  # a step this process is still writing can be read only once complete
+        steps = self._manager.all_steps()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint in {self._manager.directory}")
+        if step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {self._manager.directory}; "
+                            f"saved steps: {sorted(steps)}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state)),
+            config=ocp.args.JsonRestore(),
+            metadata=ocp.args.JsonRestore(),
+        ))
+        state = _data_to_keys(restored["state"], abstract_state)
+        return state, restored["config"], restored["metadata"]
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def check_compatible(workdir: str | os.PathLike, config_dict: Mapping[str, Any],
+                     allowed_to_differ: Iterable[str] = RESUMABLE_KEYS) -> None:
+    """Raises UserError if workdir holds checkpoints of a run with a different config.
+
+    Configs are compared as flattened dotted keys; an entry of allowed_to_differ names a key
+    or a whole section ("sample" allows "sample.seeds").
+    """
+    saved_config = _latest_saved_config(checkpoint_dir(workdir))
+    if saved_config is None:
+        return
+    allowed = tuple(allowed_to_differ)
+    differing = [key for key in _differing_keys(saved_config, _as_json(config_dict))
+                 if not any(key == a or key.startswith(a + ".") for a in allowed)]
+    if differing:
+        raise UserError(f"workdir {workdir} holds a run with a different config "
+                        f"(differs in: {', '.join(differing)}); "
+                        "use a new --workdir or the same config")
+
+
+def _latest_saved_config(directory: epath.Path) -> dict[str, Any] | None:
+    if not directory.exists():
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
+
+
+def _as_json(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The dict as it reads back from JSON (tuples become lists), so equal configs compare equal."""
+    return json.loads(json.dumps(dict(tree)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    missing = object()
+    return sorted(key for key in flat_a.keys() | flat_b.keys()
+                  if flat_a.get(key, missing) != flat_b.get(key, missing))
+
+
+def _is_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(state: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _abstract_keys_to_data(abstract_state: Any) -> Any:
+    def key_data_target(leaf):
+        if not _is_key(leaf):
+            return leaf
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+        # A key's NamedSharding spec also fits its data: the trailing key-data dim is replicated.
+        return jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                    sharding=getattr(leaf, "sharding", None))
+
+    return jax.tree.map(key_data_target, abstract_state)
+
+
+def _data_to_keys(restored: Any, abstract_state: Any) -> Any:
+    def wrap(data, leaf):
+        return jax.random.wrap_key_data(data, dtype=leaf.dtype) if _is_key(leaf) else data
+
+    return jax.tree.map(wrap, restored, abstract_state)

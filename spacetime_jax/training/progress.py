@@ -1,0 +1,90 @@
+"""Progress of a long job: one line every few steps, and the same numbers as JSON lines.
+
+    progress = Progress(total_steps=5000, log_every=100, workdir=run_dir)
+    for step in range(1, 5001):
+        ...
+        progress.update(step, loss=loss)  # loss may stay a device array
+
+A line shows the step, each metric averaged over the steps since the previous line, the
+speed over those steps and the time left at that speed. Metrics are fetched from the device
+only when a line is written, so calling `update` every step does not stall the step's
+asynchronous dispatch.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 4m05s, 12s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """`update(step, **metrics)` after each step; `step` counts finished steps (1..total).
+
+    Writes a line (and, with `workdir`, a JSON line to workdir/metrics.jsonl) every
+    `log_every` steps and at the last one. `start_step` is where a resumed run starts, so
+    that its first speed is not counted from step 0.
+    """
+
+    def __init__(self, total_steps: int, log_every: int, workdir: Optional[str | Path] = None,
+                 start_step: int = 0, log: Callable[[str], Any] = print):
+        if total_steps < 1 or log_every < 1:
+            raise ValueError(f"total_steps ({total_steps}) and log_every ({log_every}) must "
+                             "be >= 1")
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.metrics_path = Path(workdir) / METRICS_FILE if workdir is not None else None
+        self.log = log
+        self.start_time = time.perf_counter()
+        self._last_step = start_step
+        self._last_time = self.start_time
+        self._pending: dict[str, list] = {}
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, step: int, **metrics: Any) -> Optional[dict]:
+        """Records the step's metrics; returns the logged record on steps that write one."""
+        for name, value in metrics.items():
+            self._pending.setdefault(name, []).append(value)
+        if step % self.log_every and step != self.total_steps:
+            return None
+        return self._write(step)
+
+    def _write(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        record = {"step": step}
+        # One fetch per metric for all the steps since the last line.
+        record.update({name: float(np.mean(np.asarray(values, np.float64)))
+                       for name, values in self._pending.items()})
+        record["steps_per_s"] = steps_per_s
+        record["elapsed_s"] = now - self.start_time
+        self._pending = {}
+        self._last_step, self._last_time = step, now
+
+        shown = " ".join(f"{name} {value:.4g}" for name, value in record.items()
+                         if name not in ("step", "steps_per_s", "elapsed_s"))
+        eta = (format_duration((self.total_steps - step) / steps_per_s) if steps_per_s > 0
+               else "?")
+        self.log(f"step {step}/{self.total_steps} {shown} | {steps_per_s:.2f} it/s, "
+                 f"elapsed {format_duration(record['elapsed_s'])}, eta {eta}")
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record

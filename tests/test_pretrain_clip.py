@@ -1,0 +1,152 @@
+"""Stage 1 of the toy-world SD: the world tokenizer, and a tiny CLIP run that learns."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from spacetime_jax import toyworld
+from spacetime_jax.models.clip import CLIPModel, contrastive_loss
+from spacetime_jax.models.clip_text import CLIPTextTransformer
+from spacetime_jax.models.clip_vision import CLIPVisionTransformer, clip_preprocess
+from spacetime_jax.models.tokenizer import load_tokenizer, tokenize
+from spacetime_jax.toyworld import pretrain_clip
+
+STEPS = 30
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The orchestrator's field names at toy widths."""
+    return ml_collections.ConfigDict(dict(
+        width=32, text_layers=2, heads=2, vision_width=32, vision_layers=2, patch_size=8,
+        image_size=64, projection_dim=32, batch_size=32, steps=STEPS, learning_rate=2e-3,
+        warmup_steps=5, weight_decay=0.1, seed=0))
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world_tokenizer")
+    info = pretrain_clip.build_world_tokenizer(folder)
+    return info, load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    examples = toyworld.generate(seed=3, n=256)
+    workdir = tmp_path_factory.mktemp("clip_stage")
+    result = pretrain_clip.train_clip(examples.images, examples.captions, tiny_config(),
+                                      workdir, log=lambda line: None)
+    return examples, workdir, result
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_every_world_word_is_one_token(world_tokenizer):
+    _, tokenizer = world_tokenizer
+    words = pretrain_clip.world_prompt_words()
+    assert {"beach", "icon", "app", "monet", "painting", "style", "background"} <= \
+        {w.lower() for w in words}
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        # 'close-up' is three pre-tokens (close, -, up), each of them one token.
+        expected = 3 if word == "close-up" else 1
+        assert len(pieces) == expected, (word, pieces)
+    for color in toyworld.COLORS:
+        assert len(tokenizer.tokenize(color)) == 1
+
+
+def test_world_caption_is_bos_words_eos(world_tokenizer):
+    info, tokenizer = world_tokenizer
+    ids = tokenize(tokenizer, ["a photo of a red star on a green background"])[0]
+    words = 10
+    assert ids[0] == info.bos_token_id == tokenizer.bos_token_id
+    assert ids[words + 1] == info.eos_token_id == tokenizer.eos_token_id
+    prompt = ids[1:words + 1]
+    assert info.eos_token_id not in prompt and info.bos_token_id not in prompt
+    assert prompt[0] == prompt[3] == prompt[7]  # "a" three times, one id
+    assert len(set(prompt.tolist())) == 8
+    np.testing.assert_array_equal(ids[words + 2:], info.pad_token_id)  # eos padding to 77
+    # NeTI's validation prompts and capitals stay whole words too.
+    monet = tokenizer("A painting of a star in the style of Monet",
+                      add_special_tokens=False)["input_ids"]
+    assert len(monet) == 10
+
+
+# ---------------------------------------------------------------------------------------
+# Data plumbing
+
+
+def test_minibatches_cover_each_epoch_once_and_are_seeded():
+    batches = pretrain_clip.minibatch_indices(10, 3, seed=7)
+    epoch = [next(batches) for _ in range(3)]  # 9 of 10, the ragged end dropped
+    assert len(np.unique(np.concatenate(epoch))) == 9
+    again = pretrain_clip.minibatch_indices(10, 3, seed=7)
+    np.testing.assert_array_equal(next(again), epoch[0])
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        next(pretrain_clip.minibatch_indices(2, 3, seed=0))
+
+
+def test_held_out_is_whole_batches_of_64():
+    assert pretrain_clip.held_out_count(256) == 64
+    assert pretrain_clip.held_out_count(20_000) == 1024
+    assert pretrain_clip.held_out_count(3_000) == 256
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_lowers_the_contrastive_loss(trained):
+    examples, _, result = trained
+    losses = [loss for _, loss in result.loss_curve]
+    assert len(losses) == STEPS  # a progress line every step at 30 steps
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first - 0.3, (first, last)
+    assert result.final_loss == losses[-1]
+
+    # Held-out examples (the last 64) too: trained params beat the initial ones.
+    model = CLIPModel(result.config)
+    ids = pretrain_clip.caption_ids(result.tokenizer_dir, examples.captions[-64:])
+    pixels = clip_preprocess(jnp.asarray(examples.images[-64:]), 64)
+    held_out_loss = jax.jit(lambda p: contrastive_loss(model.apply({"params": p}, ids,
+                                                                   pixels)[0]))
+    initial = pretrain_clip.init_params(result.config, seed=0)
+    before, after = float(held_out_loss(initial)), float(held_out_loss(result.params))
+    assert after < before - 0.1, (before, after)
+    assert 0.0 <= result.retrieval_accuracy <= 1.0
+
+
+def test_configs_agree_with_the_tokenizer(trained):
+    _, workdir, result = trained
+    assert result.tokenizer_dir.parent == workdir
+    tokenizer = load_tokenizer(result.tokenizer_dir)
+    text = result.text_config
+    assert text.vocab_size == len(tokenizer)
+    assert (text.bos_token_id, text.eos_token_id) == (tokenizer.bos_token_id,
+                                                      tokenizer.eos_token_id)
+    assert text.pad_token_id == tokenizer.pad_token_id
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (32, 128, 2)
+    assert text.max_position_embeddings == 77
+    assert (result.vision_config.image_size, result.vision_config.patch_size) == (64, 8)
+    assert result.config.to_dict()["text_config"]["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_returned_towers_run_standalone(trained):
+    examples, _, result = trained
+    tokenizer = load_tokenizer(result.tokenizer_dir)
+    ids = tokenize(tokenizer, examples.captions[:2])
+    text = CLIPTextTransformer(result.text_config).apply({"params": result.text_params}, ids)
+    assert text.last_hidden_state.shape == (2, 77, 32)
+    assert np.all(np.isfinite(text.last_hidden_state))
+    pixels = clip_preprocess(jnp.asarray(examples.images[:2]), 64)
+    vision = CLIPVisionTransformer(result.vision_config).apply(
+        {"params": result.vision_params}, pixels)
+    assert vision.last_hidden_state.shape == (2, 65, 32)  # CLS + 8x8 patches
+    assert np.all(np.isfinite(vision.pooler_output))
+    # logit_scale is a trained scalar kept within CLIP's clip range.
+    assert result.params["logit_scale"].shape == ()
+    assert 0.0 <= float(result.params["logit_scale"]) <= np.log(100.0)
