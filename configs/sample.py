@@ -8,6 +8,11 @@ tiny: the built-in random toy model (builtin:tiny-random), 2 prompts x 2 seeds, 
       model draws noise-like images: this variant checks the whole path, not the looks.
 sd15: SD 1.5 from a local diffusers folder or the hub id, 512 px, 50 DPM-Solver++ steps,
       guidance 7.5, the NeTI validation seeds.
+neti: a trained NeTI concept on its own base model: the validation prompts ("{}" is the
+      concept) x truncation indices (untruncated, 8, 16, 32, 64), seed 42:
+      python -m spacetime_jax.main --config=configs/sample.py:neti --workdir=runs/cat/samples \
+          --config.concept=runs/cat/concept --config.sample.truncations='(4, 32)'
+      writes grid_seed42.png (rows prompts, columns truncation) and one PNG per image.
 
 Override anything: --config.model=/path/to/sd --config.sample.prompts='("a red car",)'
 """
@@ -19,6 +24,9 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.method = "sample"
     c.model = "runwayml/stable-diffusion-v1-5"
     c.compute_dtype = "float32"
+    # A NeTI concept folder (WORKDIR/concept of a training run): prompts then hold "{}" for
+    # the concept, and each seed gets a grid of prompts x truncation indices.
+    c.concept = ""
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ("A photo of a cat", "A painting of a dog in the style of Monet")
     c.sample.seeds = (42, 420, 501, 5456)
@@ -26,12 +34,20 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 7.5
     c.sample.sampler = "dpmpp_2m"
     c.sample.resolution = 0  # 0: the model's own (U-Net sample_size x VAE factor)
+    # Nested-dropout truncation indices, one column each after the untruncated one: a
+    # smaller index is more editable, less faithful (0..hidden_width).
+    c.sample.truncations = (8, 16, 32, 64)
     if arg == "tiny":
         c.model = "builtin:tiny-random"
         c.sample.prompts = ("a photo of a red star", "a photo of a cat on a green background")
         c.sample.seeds = (0, 1)
         c.sample.steps = 10
+    elif arg == "neti":
+        c.model = ""  # the concept's own base model
+        c.sample.prompts = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
+                            "A painting of {} in the style of Monet")
+        c.sample.seeds = (42,)
     elif arg != "sd15":
-        raise ValueError(f"unknown variant {arg!r} of configs/sample.py (tiny, sd15)")
+        raise ValueError(f"unknown variant {arg!r} of configs/sample.py (tiny, sd15, neti)")
     c.lock()
     return c

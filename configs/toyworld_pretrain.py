@@ -41,19 +41,19 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.clip.image_size = 64
     c.clip.projection_dim = 64
     c.clip.batch_size = 128
-    c.clip.steps = 3000
+    c.clip.steps = 800
     c.clip.learning_rate = 1e-3
-    c.clip.warmup_steps = 200
+    c.clip.warmup_steps = 100
     c.clip.weight_decay = 0.1
     c.clip.seed = 0
 
     # Stage 2: VAE (L1 + kl_weight * KL, both means; see toyworld/pretrain_vae.py).
     c.vae = ml_collections.ConfigDict()
-    c.vae.channels = (32, 64, 64, 64)
+    c.vae.channels = (8, 16, 32, 32)
     c.vae.layers_per_block = 2
-    c.vae.norm_num_groups = 16
-    c.vae.batch_size = 32
-    c.vae.steps = 3000
+    c.vae.norm_num_groups = 8
+    c.vae.batch_size = 16
+    c.vae.steps = 1200
     c.vae.learning_rate = 1e-3
     c.vae.warmup_steps = 100
     c.vae.weight_decay = 0.0

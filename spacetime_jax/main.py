@@ -5,6 +5,7 @@ stderr naming the problem and exit status 2; nothing already written is removed.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -26,7 +27,18 @@ def _jobs():
             "toyworld_pretrain": toyworld_pretrain.run}
 
 
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache: a resumed or repeated run does not pay the compile again."""
+    import jax
+
+    from spacetime_jax.models.builtin import cache_dir
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run(config, workdir: str) -> None:
+    enable_compilation_cache()
     jobs = _jobs()
     if config.method not in jobs:
         raise UserError(f"config.method={config.method!r} is unknown; known: {sorted(jobs)}")

@@ -72,7 +72,7 @@ def case():
 
 def test_logits_match_transformers(case):
     theirs = case["theirs"]
-    # Reached (fp32, CPU): ~1e-6 on logits of magnitude up to ~10.
+    # Reached (fp32, CPU): 1.8e-6 on logits of magnitude up to ~4.3; the loss to 1e-7.
     assert max_abs_diff(case["logits_per_image"], theirs.logits_per_image) <= ATOL
     assert max_abs_diff(case["logits_per_text"], theirs.logits_per_text) <= ATOL
     assert max_abs_diff(case["text_features"], theirs.text_embeds) <= ATOL

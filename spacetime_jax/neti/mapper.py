@@ -238,7 +238,8 @@ class NeTIMapper(nn.Module):
             raise UserError("truncation is for sampling and nested dropout (dropout_rng) for "
                             "training: pass one of them, not both")
         if truncation is not None:
-            check_truncation(truncation, self.config.hidden_width)
+            if not isinstance(truncation, jax.Array):  # a traced index is the caller's to check
+                check_truncation(truncation, self.config.hidden_width)
         x = self.encode(timesteps, layers)
         if self.config.encoder == "fourier":
             x = self.input_layer(x)

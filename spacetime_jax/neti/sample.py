@@ -29,7 +29,8 @@ def format_prompts(prompts: Sequence[str], placeholder: str) -> list[str]:
     for prompt in prompts:
         if prompt.count("{}") != 1:
             raise UserError(f"prompt {prompt!r} must hold the concept's slot '{{}}' exactly once")
-        out.append(prompt.format(placeholder))
+        # Not str.format: any other braces in the prompt ("{style}") are text, not fields.
+        out.append(prompt.replace("{}", placeholder))
     return out
 
 
@@ -53,9 +54,9 @@ def concept_contexts(text_encoder, text_params, mapper, variables, mapper_config
                          mapper_config.num_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "num_steps", "method", "truncation"))
+@functools.partial(jax.jit, static_argnames=("static", "num_steps", "method"))
 def _generate(frozen, variables, input_ids, positions, empty_ids, noise, target_norm,
-              guidance_scale, *, static, num_steps, method, truncation):
+              guidance_scale, truncation, *, static, num_steps, method):
     unet, vae, text_encoder, mapper, mapper_config, scheduler_config, scaling = static
     unet_params, vae_params, text_params = frozen
     batch = input_ids.shape[0]
@@ -103,5 +104,8 @@ def generate(sd, text: PreparedText, concept, placeholder_id: int, target_norm: 
                        variables if variables is not None else concept.variables,
                        jnp.asarray(input_ids), jnp.asarray(positions), jnp.asarray(empty_ids),
                        noise, jnp.float32(target_norm), jnp.float32(guidance_scale),
-                       static=static, num_steps=num_steps, method=method, truncation=truncation)
+                       # hidden_width keeps every dimension: one compiled sampler serves all.
+                       jnp.int32(concept.mapper_config.hidden_width if truncation is None
+                                 else truncation),
+                       static=static, num_steps=num_steps, method=method)
     return to_uint8(images)

@@ -133,14 +133,15 @@ def run(config, workdir: str) -> None:
 
     # --- The frozen model and the concepts (everything validated before any compute).
     specs = concept_specs(config)
+    # Images and the workdir first: a typo there must not wait for the model to load.
+    for spec in specs:
+        load_concept_images(spec.images, config.data.resolution)  # fail fast, by name
+    check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     sd = load_stable_diffusion(resolve_builtin(config.model), compute_dtype(config.compute_dtype))
     print(model_summary(sd), flush=True)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
     placeholder_ids, target_norms = text.placeholder_ids, text.target_norms
-    for spec in specs:
-        load_concept_images(spec.images, config.data.resolution)  # fail fast, by name
-    check_compatible(workdir, config_dict, RESUMABLE_KEYS)
 
     # --- Mappers, one per concept, stacked on a leading concept axis.
     mapper_config = mapper_config_from(config, sd)

@@ -2,13 +2,14 @@
 
   python -m spacetime_jax.main --config=configs/toyworld_pretrain.py --workdir=W
 
-  dataset   the toy world's captioned images, rendered once        W/dataset/
-  1. clip   text + vision towers, contrastive, world tokenizer     W/clip/
-  2. vae    KL autoencoder 64x64x3 <-> 8x8x4, scaling factor       W/vae/
-            latent moments of every image, encoded once            W/vae/latent_moments.npz
-  3. unet   conditioned on the frozen CLIP text tower              W/unet/
-  export    diffusers-layout folder + CLIP vision tower            W/model/, W/model/image_encoder/
-  validate  grid of prompts x seeds, prompt-following score        W/grid.png, W/model/pretrain_summary.json
+  dataset   the toy world's captioned images, rendered once    W/dataset/
+  1. clip   text + vision towers, contrastive, world tokenizer W/clip/
+  2. vae    KL autoencoder 64x64x3 <-> 8x8x4, scaling factor   W/vae/
+            latent moments of every image, encoded once        W/vae/latent_moments.npz
+  3. unet   conditioned on the frozen CLIP text tower          W/unet/
+  export    diffusers-layout folder + CLIP vision tower        W/model/, W/model/image_encoder/
+  validate  prompts x seeds grid, prompt-following score       W/grid.png,
+                                                               W/model/pretrain_summary.json
 
 A stage that finished wrote its results and then W/<stage>/done.json; a rerun on the same
 workdir loads those and skips the stage, so an interrupted run resumes at the stage it was in.
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
@@ -128,7 +128,8 @@ def run_clip_stage(folder: Path, images: np.ndarray, captions: list[str],
     write_json(folder / "vision_config.json", result.vision_config.to_dict())
     save_params(folder / "vision_params.safetensors", result.vision_params)
     facts = {"steps": config.steps, "final_loss": result.final_loss,
-             "first_logged_loss": result.loss_curve[0][1],
+             "heldout_loss_before": result.initial_held_out_loss,
+             "heldout_loss_after": result.held_out_loss,
              "retrieval_accuracy": result.retrieval_accuracy,
              "seconds": time.perf_counter() - start}
     write_json(folder / DONE_FILE, facts)
@@ -355,5 +356,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                    "config": json.loads(config.to_json())}
         write_json(summary_path, summary)
     stage_seconds = sum(f["seconds"] for f in summary["stages"].values())
-    log(f"toyworld_pretrain: model in {model_dir}; stages took {format_duration(stage_seconds)}, "
+    score = summary["validation"]
+    log(f"toyworld_pretrain: model in {model_dir}; prompted background color "
+        f"{score['background_color_accuracy']:.2f}, object color "
+        f"{score['object_color_accuracy']:.2f}; stages took {format_duration(stage_seconds)}, "
         f"this run {format_duration(time.perf_counter() - start)}")

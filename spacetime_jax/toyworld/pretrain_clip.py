@@ -3,8 +3,9 @@ toy-world images, with a tokenizer built for the world's words.
 
 As in SD, the U-Net (stage 3) is conditioned on this CLIP's frozen text tower; the vision
 tower is ELITE's image encoder. Text tower: causal transformer, quick_gelu, MLP 4x wide,
-pooled at the EOS token; vision tower: ViT on the 64x64 images themselves (8x8 patches:
-64 patches + CLS), CLIP-normalized.
+pooled at the EOS token; vision tower: ViT on the 64x64 images themselves, CLIP-normalized.
+Patches of 8 px give an 8x8 grid of patch tokens, the VAE latent's own grid, which ELITE's
+local branch masks by the object at latent resolution.
 
 Captions are trained at the length of the longest one, not at CLIP's 77: with causal
 attention the pooled EOS features never see the padding after them, so the loss and its
@@ -55,6 +56,8 @@ class ClipStageResult:
     tokenizer_dir: Path
     final_loss: float  # mean training loss over the last progress window
     retrieval_accuracy: float  # held-out image -> caption top-1 within batches of 64
+    held_out_loss: float  # contrastive loss on the held-out batches of 64
+    initial_held_out_loss: float  # the same, before training
     loss_curve: list[tuple[int, float]]  # (step, mean loss over the window ending there)
     train_seconds: float  # the loop, compilation included
 
@@ -189,21 +192,25 @@ def minibatch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray
 # Evaluation
 
 
-def retrieval_accuracy(model: CLIPModel, params: Any, ids: np.ndarray, images: np.ndarray,
-                       image_size: int) -> float:
-    """Image -> caption top-1 accuracy within each batch of EVAL_BATCH examples."""
+def make_evaluate(model: CLIPModel, image_size: int) -> Callable:
+    """-> evaluate(params, ids, images) -> (image -> caption top-1 accuracy, contrastive loss),
+    both averaged over batches of EVAL_BATCH examples (the ragged end left out)."""
 
     @jax.jit
-    def correct(params, ids, images):
+    def batch_metrics(params, ids, images):
         logits_per_image, _ = model.apply({"params": params}, ids,
                                           clip_preprocess(images, image_size))
-        return jnp.sum(jnp.argmax(logits_per_image, axis=1) == jnp.arange(ids.shape[0]))
+        hits = jnp.argmax(logits_per_image, axis=1) == jnp.arange(ids.shape[0])
+        return jnp.mean(hits), contrastive_loss(logits_per_image)
 
-    batches = len(ids) // EVAL_BATCH
-    hits = sum(int(correct(params, ids[i * EVAL_BATCH:(i + 1) * EVAL_BATCH],
-                           images[i * EVAL_BATCH:(i + 1) * EVAL_BATCH]))
-               for i in range(batches))
-    return hits / (batches * EVAL_BATCH)
+    def evaluate(params, ids: np.ndarray, images: np.ndarray) -> tuple[float, float]:
+        starts = range(0, len(ids) - EVAL_BATCH + 1, EVAL_BATCH)
+        metrics = [batch_metrics(params, ids[i:i + EVAL_BATCH], images[i:i + EVAL_BATCH])
+                   for i in starts]
+        accuracy, loss = np.mean(jax.device_get(metrics), axis=0)
+        return float(accuracy), float(loss)
+
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,12 +229,15 @@ def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collectio
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    held_out = held_out_count(len(images))
+    if len(images) < held_out + config.batch_size:
+        raise ValueError(f"{len(images)} examples are too few: {held_out} are held out and a "
+                         f"batch takes {config.batch_size}")
 
     # --- tokenizer and captions, tokenized once
     tokenizer_dir = Path(workdir) / "tokenizer"
     tokens = build_world_tokenizer(tokenizer_dir)
     ids = caption_ids(tokenizer_dir, captions)
-    held_out = held_out_count(len(images))
     train_ids, train_images = ids[:-held_out], images[:-held_out]
     eval_ids, eval_images = ids[-held_out:], images[-held_out:]
     log(f"clip: {len(train_ids)} training / {held_out} held-out examples, captions of "
@@ -240,6 +250,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collectio
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
     train_step = make_train_step(model, optimizer, config.image_size)
+    evaluate = make_evaluate(model, config.image_size)
+    _, initial_loss = evaluate(params, eval_ids, eval_images)
 
     # --- loop
     batches = minibatch_indices(len(train_ids), config.batch_size, config.seed)
@@ -269,9 +281,11 @@ def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collectio
 
     # --- evaluation
     params = jax.device_get(params)
-    accuracy = retrieval_accuracy(model, params, eval_ids, eval_images, config.image_size)
-    log(f"clip: held-out retrieval top-1 (batches of {EVAL_BATCH}) {accuracy:.3f}, "
-        f"final loss {loss_curve[-1][1]:.4f}, {train_seconds:.0f}s")
+    accuracy, held_out_loss = evaluate(params, eval_ids, eval_images)
+    log(f"clip: held-out retrieval top-1 (batches of {EVAL_BATCH}) {accuracy:.3f}, held-out "
+        f"loss {initial_loss:.4f} -> {held_out_loss:.4f}, training loss "
+        f"{loss_curve[-1][1]:.4f}, {train_seconds:.0f}s")
     return ClipStageResult(config=model_config, params=params, tokenizer_dir=tokenizer_dir,
                            final_loss=loss_curve[-1][1], retrieval_accuracy=accuracy,
+                           held_out_loss=held_out_loss, initial_held_out_loss=initial_loss,
                            loss_curve=loss_curve, train_seconds=train_seconds)

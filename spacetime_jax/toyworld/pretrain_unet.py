@@ -30,7 +30,7 @@ from spacetime_jax.models.vae import sample_latents
 from spacetime_jax.toyworld.pretrain_vae import minibatches
 from spacetime_jax.training.progress import Progress
 
-HELD_OUT = 256  # examples kept out of training for the fixed held-out noise loss
+MAX_HELD_OUT = 256  # examples kept out of training (at most an eighth): a fixed noise loss
 LOG_LINES = 40
 
 
@@ -141,7 +141,7 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
 
 
 def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> Callable:
+                    caption_dropout: float, ema_decay: float) -> Callable:
     """(state, schedule, means, logvars, contexts, empty context, scaling, key) ->
     (state, metrics); compiled once, the state donated. The schedule and the batch are jit
     arguments: closed-over arrays would become constants of the program."""
@@ -154,7 +154,7 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
         latents = sample_latents(latent_rng, means, logvars) * scaling
         noise = jax.random.normal(noise_rng, latents.shape)
         timesteps = sample_timesteps(time_rng, batch, schedule.betas.shape[0])
-        dropped = jax.random.uniform(drop_rng, (batch, 1, 1)) < config.caption_dropout
+        dropped = jax.random.uniform(drop_rng, (batch, 1, 1)) < caption_dropout
         contexts = jnp.where(dropped, empty_context[None].astype(jnp.float32),
                              contexts.astype(jnp.float32))
         loss, grads = jax.value_and_grad(
@@ -162,7 +162,7 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
                 state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(state.step, config.ema_decay)
+        decay = ema_decay_at(state.step, ema_decay)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                   state.ema_params, params)
         return TrainState(state.step + 1, params, opt_state, ema_params), {"loss": loss}
@@ -174,12 +174,13 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
                config: ml_collections.ConfigDict, workdir: str | Path,
                log: Callable[[str], Any] = print,
                scheduler_config: SchedulerConfig = SchedulerConfig()) -> UNetStageResult:
-    """Trains the U-Net on `data` minus its last HELD_OUT examples; progress lines and
-    workdir/metrics.jsonl."""
+    """Trains the U-Net on `data` minus its last examples (held out for a fixed noise loss);
+    progress lines and workdir/metrics.jsonl."""
     n = len(data.latent_means)
-    train_data = data.take(np.arange(n - HELD_OUT))
+    held_out = max(1, min(MAX_HELD_OUT, n // 8))
+    train_data = data.take(np.arange(n - held_out))
     schedule = ddpm_schedule(scheduler_config)
-    heldout = make_heldout_set(data.take(np.arange(n - HELD_OUT, n)), scaling_factor,
+    heldout = make_heldout_set(data.take(np.arange(n - held_out, n)), scaling_factor,
                                scheduler_config.num_train_timesteps, config.seed)
 
     # --- model, params, optimizer, compiled step
@@ -189,11 +190,11 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
     optimizer = make_optimizer(config)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                        jax.tree.map(jnp.copy, params))
-    train_step = make_train_step(model, optimizer, config)
+    train_step = make_train_step(model, optimizer, config.caption_dropout, config.ema_decay)
     heldout_loss = make_heldout_loss(model, schedule)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     log(f"unet: {count / 1e6:.2f}M params, {model_config.num_cross_attention_layers} "
-        f"cross-attention layers, {n - HELD_OUT} training / {HELD_OUT} held-out examples, "
+        f"cross-attention layers, {n - held_out} training / {held_out} held-out examples, "
         f"{config.steps} steps of {config.batch_size}")
     heldout_before = heldout_loss(params, heldout)
 

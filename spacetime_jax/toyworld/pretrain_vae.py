@@ -31,7 +31,7 @@ from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
 from spacetime_jax.training.progress import Progress
 
-HELD_OUT = 64  # images kept out of training to measure reconstruction on
+MAX_HELD_OUT = 64  # images kept out of training (at most an eighth) to score reconstruction
 SCALING_SAMPLE = 2048  # images whose latents set the scaling factor
 LOG_LINES = 20
 
@@ -137,12 +137,13 @@ def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int)
 
 def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: str | Path,
               log: Callable[[str], Any] = print) -> VAEStageResult:
-    """Trains the autoencoder on uint8 images (N, S, S, 3) minus HELD_OUT held-out ones;
-    progress lines and workdir/metrics.jsonl."""
+    """Trains the autoencoder on uint8 images (N, S, S, 3) minus the last few (held out to
+    measure reconstruction); progress lines and workdir/metrics.jsonl."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, S, S, 3) uint8, got {images.shape} {images.dtype}")
-    train_images, heldout_images = images[:-HELD_OUT], images[-HELD_OUT:]
+    held_out = max(1, min(MAX_HELD_OUT, len(images) // 8))
+    train_images, heldout_images = images[:-held_out], images[-held_out:]
 
     # --- model, params, optimizer, compiled step
     model_config = vae_config(config, images.shape[1])
@@ -153,7 +154,7 @@ def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: st
     train_step = make_train_step(model, optimizer, config.kl_weight)
     reconstruction_l1 = make_reconstruction_l1(model)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    log(f"vae: {count / 1e6:.2f}M params, {len(train_images)} training / {HELD_OUT} held-out "
+    log(f"vae: {count / 1e6:.2f}M params, {len(train_images)} training / {held_out} held-out "
         f"images, {config.steps} steps of {config.batch_size}")
     heldout_before = reconstruction_l1(params, heldout_images)
 

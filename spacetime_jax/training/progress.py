@@ -38,12 +38,13 @@ class Progress:
     """`update(step, **metrics)` after each step; `step` counts finished steps (1..total).
 
     Writes a line (and, with `workdir`, a JSON line to workdir/metrics.jsonl) every
-    `log_every` steps and at the last one. `start_step` is where a resumed run starts, so
-    that its first speed is not counted from step 0.
+    `log_every` steps and at the last one. Speeds leave out the first step of the run (its
+    compilation); the first line of a run logged at its first step shows no speed.
     """
 
     def __init__(self, total_steps: int, log_every: int, workdir: Optional[str | Path] = None,
                  start_step: int = 0, log: Callable[[str], Any] = print):
+        """`start_step`: the step a resumed run starts after (its steps count from there)."""
         if total_steps < 1 or log_every < 1:
             raise ValueError(f"total_steps ({total_steps}) and log_every ({log_every}) must "
                              "be >= 1")
@@ -52,23 +53,31 @@ class Progress:
         self.metrics_path = Path(workdir) / METRICS_FILE if workdir is not None else None
         self.log = log
         self.start_time = time.perf_counter()
-        self._last_step = start_step
-        self._last_time = self.start_time
+        # The speed window opens when the first step returns: that step's time is mostly
+        # compilation and would distort the speed and the time left.
+        self._window: Optional[tuple[int, float]] = None
+        self._start_step = start_step
         self._pending: dict[str, list] = {}
         if self.metrics_path is not None:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
 
     def update(self, step: int, **metrics: Any) -> Optional[dict]:
         """Records the step's metrics; returns the logged record on steps that write one."""
+        if step <= self._start_step:
+            raise ValueError(f"step {step} is not after the start step {self._start_step}")
+        now = time.perf_counter()
+        if self._window is None:
+            self._window = (step, now)
         for name, value in metrics.items():
             self._pending.setdefault(name, []).append(value)
         if step % self.log_every and step != self.total_steps:
             return None
-        return self._write(step)
+        return self._write(step, now)
 
-    def _write(self, step: int) -> dict:
-        now = time.perf_counter()
-        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    def _write(self, step: int, now: float) -> dict:
+        window_step, window_time = self._window
+        steps_per_s = ((step - window_step) / max(now - window_time, 1e-9)
+                       if step > window_step else None)
         record = {"step": step}
         # One fetch per metric for all the steps since the last line.
         record.update({name: float(np.mean(np.asarray(values, np.float64)))
@@ -76,14 +85,17 @@ class Progress:
         record["steps_per_s"] = steps_per_s
         record["elapsed_s"] = now - self.start_time
         self._pending = {}
-        self._last_step, self._last_time = step, now
+        self._window = (step, now)
 
         shown = " ".join(f"{name} {value:.4g}" for name, value in record.items()
                          if name not in ("step", "steps_per_s", "elapsed_s"))
-        eta = (format_duration((self.total_steps - step) / steps_per_s) if steps_per_s > 0
-               else "?")
-        self.log(f"step {step}/{self.total_steps} {shown} | {steps_per_s:.2f} it/s, "
-                 f"elapsed {format_duration(record['elapsed_s'])}, eta {eta}")
+        if steps_per_s:
+            speed = (f"{steps_per_s:.2f} it/s, eta "
+                     f"{format_duration((self.total_steps - step) / steps_per_s)}")
+        else:
+            speed = "? it/s"
+        self.log(f"step {step}/{self.total_steps} {shown} | {speed}, "
+                 f"elapsed {format_duration(record['elapsed_s'])}")
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
