@@ -6,6 +6,9 @@ setup(
     version="0.1.0",
     description="Text-to-image personalization (NeTI, ELITE) for Stable Diffusion in JAX/Flax",
     packages=find_packages(include=["spacetime_jax", "spacetime_jax.*"]),
+    # The shipped toy-world model (fp16 safetensors, configs, tokenizer), its SHA-256 list,
+    # and the held-out concept photos of the demo.
+    package_data={"spacetime_jax": ["assets/*.sha256", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -24,6 +27,9 @@ setup(
     extras_require={
         # PyTorch references for the parity tests and the side-by-side benchmarks.
         "torch": ["torch", "diffusers>=0.40", "accelerate"],
-        "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate"],
+        "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate",
+                 "tensorboardX"],
+        # Training metrics in TensorBoard too (WORKDIR/tensorboard), beside metrics.jsonl.
+        "tensorboard": ["tensorboardX"],
     },
 )

@@ -11,13 +11,25 @@ WORKDIR/validation/step_N/<name>.png (the reference's 4 prompts x 4 seeds).
 sd15: the reference's defaults exactly: SD 1.5, 512 px, batch 2 x 4 accumulation, lr 1e-3
       scaled by batch x accumulation x the concept's data-parallel replicas (8e-3 on one
       device), 1000 steps, checkpoints every 250, fp32, DPM-Solver++ 50 steps for validation.
-tiny: the built-in toy model (64 px), batch 2 x 2, 200 steps, validation with 20 steps at the
-      end; a few minutes on 2 CPU cores.
+tiny: the README's main command: the shipped toy-world model (builtin:toyworld, 64 px) learns
+      the bundled held-out concept "crescent" (5 photos of a yellow crescent, a shape the
+      pretraining never drew; super-category "circle"), batch 2 x 2, 200 steps, then samples
+      it on prompted backgrounds (validation grid, 20 steps, at the end); a few minutes on
+      2 CPU cores:
+        python -m spacetime_jax.main --config=configs/neti.py:tiny --workdir=runs/crescent
+      -> runs/crescent/validation/step_000200/crescent.png (rows prompts, columns seeds).
+      Point data.images / concept.* elsewhere to learn another concept on the same model.
 """
 import ml_collections
 
+from spacetime_jax.models.builtin import ASSETS
+
 VALIDATION_PROMPTS = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
                       "A painting of {} in the style of Monet")
+# The toy world's captions end with the background: these test editability there.
+TOYWORLD_PROMPTS = ("a photo of a {}", "a photo of a {} on a green background",
+                    "a photo of a {} on a purple background",
+                    "a photo of a {} on a white background")
 
 
 def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
@@ -76,8 +88,13 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
         {"coordinator_address": "", "num_processes": 0, "process_id": -1})
 
     if arg == "tiny":
-        c.model = "builtin:tiny-random"
+        c.model = "builtin:toyworld"
+        c.concept.placeholder = "<crescent>"
+        c.concept.super_category = "circle"
+        c.data.images = str(ASSETS / "concepts" / "crescent")
         c.data.resolution = 64
+        c.validation.prompts = TOYWORLD_PROMPTS
+        c.validation.guidance_scale = 4.0
         c.train.steps = 200
         c.train.grad_accum = 2
         c.train.log_every = 20

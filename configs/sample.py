@@ -2,10 +2,10 @@
 
   python -m spacetime_jax.main --config=configs/sample.py:tiny --workdir=runs/sample
 
-tiny: the built-in random toy model (builtin:tiny-random), 2 prompts x 2 seeds, 10 DPM-Solver++
-      steps; about a minute on 2 CPU cores (mostly compilation); writes
-      runs/sample/grid.png (rows prompts, columns seeds) and one PNG per image. A random
-      model draws noise-like images: this variant checks the whole path, not the looks.
+tiny: the shipped toy-world model (builtin:toyworld, 64 px), 4 prompts in the world's words x
+      4 seeds, 25 DPM-Solver++ steps, guidance 4; under a minute on 2 CPU cores (mostly
+      compilation); writes runs/sample/grid.png (rows prompts, columns seeds) and one PNG per
+      image. --config.model=builtin:tiny-random samples the random model (noise: a path check).
 sd15: SD 1.5 from a local diffusers folder or the hub id, 512 px, 50 DPM-Solver++ steps,
       guidance 7.5, the NeTI validation seeds.
 neti: a trained NeTI concept on its own base model: the validation prompts ("{}" is the
@@ -38,10 +38,14 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     # smaller index is more editable, less faithful (0..hidden_width).
     c.sample.truncations = (8, 16, 32, 64)
     if arg == "tiny":
-        c.model = "builtin:tiny-random"
-        c.sample.prompts = ("a photo of a red star", "a photo of a cat on a green background")
-        c.sample.seeds = (0, 1)
-        c.sample.steps = 10
+        c.model = "builtin:toyworld"
+        c.sample.prompts = ("a photo of a red star on a green background",
+                            "a photo of a large blue circle on a yellow background",
+                            "a photo of a white striped heart on a purple background",
+                            "a photo of a small yellow triangle on a black background")
+        c.sample.seeds = (0, 1, 2, 3)
+        c.sample.steps = 25
+        c.sample.guidance_scale = 4.0
     elif arg == "neti":
         c.model = ""  # the concept's own base model
         c.sample.prompts = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",

@@ -22,17 +22,22 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def test_sample_job_writes_a_grid_and_one_png_per_image(cache, tmp_path):
+def test_sample_job_on_the_shipped_model_draws_the_prompted_backgrounds(cache, tmp_path):
+    from spacetime_jax.toyworld.measure import measure_background_color
+
     result = run_main("--config=configs/sample.py:tiny", f"--workdir={tmp_path}", cache=cache)
     assert result.returncode == 0, result.stderr
     assert "16 cross-attention layers" in result.stdout
     singles = sorted(tmp_path.glob("0*_seed*.png"))
-    assert len(singles) == 4
-    first = np.asarray(Image.open(singles[0]))
-    assert first.shape == (64, 64, 3) and first.std() > 1.0  # a real image, not a constant
+    assert len(singles) == 16  # 4 prompts x 4 seeds
+    images = [np.asarray(Image.open(path)) for path in singles]
+    assert images[0].shape == (64, 64, 3)
+    # Prompts (rows of 4 seeds) ask for green, yellow, purple and black backgrounds.
+    prompted = [color for color in ("green", "yellow", "purple", "black") for _ in range(4)]
+    hits = sum(measure_background_color(img) == color for img, color in zip(images, prompted))
+    assert hits >= 12, hits
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.size[0] == 2 * 128  # two seeds, tiles enlarged to 128 px
-    assert (cache / "tiny-random" / "model_index.json").is_file()
+    assert grid.size[0] == 4 * 128  # four seeds, tiles enlarged to 128 px
 
 
 @pytest.mark.parametrize("override, message", [

@@ -39,9 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
 STEPS = 6
 CHECKPOINT_EVERY = 2
-# The tiny run: a handful of steps, every step logged, no validation grids (their sampler
+# The tiny run on the random model (its tokenizer has the words of the messages below): a
+# handful of steps, every step logged, no validation grids (their sampler
 # would be a second compile).
-TINY_RUN = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY,
+TINY_RUN = {"model": "builtin:tiny-random", "concept.super_category": "object",
+            "train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY,
             "train.log_every": 1, "validation.every": 0, "train.grad_accum": 1}
 # Braces other than the concept's slot "{}" are plain text (no str.format fields).
 SAMPLE_PROMPTS = ("A photo of a {}", "App icon of {}, {shiny}")

@@ -60,6 +60,32 @@ def test_progress_takes_device_arrays_and_leaves_the_first_step_out_of_the_speed
         Progress(total_steps=10, log_every=1, start_step=4, log=lines.append).update(4)
 
 
+def read_tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every events file in `folder`, read from the TFRecord framing."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_progress_writes_the_same_scalars_to_tensorboard(tmp_path):
+    progress = Progress(total_steps=4, log_every=2, workdir=tmp_path, log=lambda line: None)
+    for step in range(1, 5):
+        progress.update(step, loss=float(step))
+    scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["loss"] == [(2, 1.5), (4, 3.5)]
+    assert [step for step, _ in scalars["steps_per_s"]] == [2, 4]
+
+
 # ---------------------------------------------------------------------------------------
 # The pretraining set
 

@@ -7,7 +7,7 @@ or a `LayerContexts` stacked over those layers (see attention.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

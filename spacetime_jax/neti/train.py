@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def learning_rate(config, mesh) -> float:
 
 
 def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, variables,
-                       workdir: Path, resolution: int, seed: int) -> ConceptData:
+                       workdir: Path, resolution: int, seeds: list[int]) -> ConceptData:
     """Tokenized templates, cached latent moments and fixed mapper variables, stacked on K."""
     moments, counts, prompt_ids, positions = [], [], [], []
     for index, spec in enumerate(specs):
@@ -110,7 +111,7 @@ def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, vari
     return ConceptData(moments=stacked, num_rows=np.asarray(counts, np.int32),
                        prompt_ids=np.stack(prompt_ids), positions=np.stack(positions),
                        target_norms=np.asarray(target_norms, np.float32),
-                       seeds=np.asarray([seed] * len(specs), np.uint32),
+                       seeds=np.asarray(seeds, np.uint32),
                        encoding={k: v for k, v in variables.items() if k != "params"})
 
 
@@ -122,6 +123,115 @@ def truncate_metrics(workdir: Path, last_step: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def concept_seed(train_seed: int, placeholder: str) -> int:
+    """A concept's own seed (mapper init and every step's draws): the same concept trained
+    alone or beside others, at any position of a batch, learns the same thing."""
+    return (int(train_seed) * 1_000_003 + zlib.crc32(placeholder.encode())) % 2**32
+
+
+@dataclasses.dataclass
+class Session:
+    """One run's concepts, data, frozen model and compiled-step ingredients, built once; the
+    job, the tests and the quality benchmark all step through it."""
+    specs: list
+    concepts: list  # Concept metadata per spec (variables filled at the end)
+    mapper_config: MapperConfig
+    data: ConceptData
+    frozen: Any  # (unet params, text params with the placeholder rows)
+    schedule: Any
+    statics: StepStatics
+    optimizer: optax.GradientTransformation
+    learning_rate: float
+    initial_state: TrainState  # host arrays
+    state_shardings: TrainState
+    data_shardings: Any
+    frozen_shardings: Any
+
+    def put(self) -> None:
+        """Places the data and frozen weights on the mesh (once, before stepping)."""
+        self.data = sharding.shard_put(self.data, self.data_shardings)
+        self.frozen = sharding.shard_put(self.frozen, self.frozen_shardings)
+
+    def step_fn(self):
+        """The train step, jitted with explicit shardings, the state donated."""
+        return jax.jit(functools.partial(train_step, optimizer=self.optimizer,
+                                         statics=self.statics),
+                       in_shardings=(self.state_shardings, self.data_shardings,
+                                     self.frozen_shardings, None),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+    @functools.cached_property
+    def _evaluation_loss(self):
+        return jax.jit(functools.partial(evaluation_loss, statics=self.statics))
+
+    def evaluate(self, params, num_draws: int, seed: int = 0) -> np.ndarray:
+        """(K,) mean loss of `params` over `num_draws` fixed draws of (example, noise,
+        timestep) per concept, without nested dropout: the same draws for any params and any
+        mapper kind, so losses of different runs compare on the same held-out pairs."""
+        K = len(self.specs)
+        per_call = self.statics.batch_size * self.statics.grad_accum
+        calls = -(-num_draws // per_call)
+        losses = [self._evaluation_loss(params, self.data, self.frozen, self.schedule,
+                                        jnp.full((K,), 1_000_003 * seed + i, jnp.uint32))
+                  for i in range(calls)]
+        return np.mean(np.asarray(jax.device_get(losses)), axis=0)
+
+
+def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
+    """Mappers (one per concept, stacked on a leading concept axis, each from its own seed),
+    the data each step draws from (latent moments cached under workdir/cache), optimizer and
+    the initial state, with the shardings of every part."""
+    placeholder_ids, target_norms = text.placeholder_ids, text.target_norms
+    mapper_config = mapper_config_from(config, sd)
+    super_embeddings = np.asarray(text.text_params["embeddings"]["token_embedding"]["embedding"])
+    seeds = [concept_seed(config.train.seed, spec.placeholder) for spec in specs]
+    mappers, variables = [], []
+    for index, spec in enumerate(specs):
+        # The placeholder's row starts as the super-category's: the baseline's init.
+        mapper = build_mapper(config.mapper.kind, mapper_config,
+                              init_embedding=super_embeddings[placeholder_ids[index]])
+        mappers.append(mapper)
+        variables.append(init_mapper_variables(mapper, jax.random.key(seeds[index])))
+    stacked_variables = jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
+    data = build_concept_data(specs, sd, text.tokenizer, placeholder_ids, target_norms,
+                              stacked_variables, workdir, config.data.resolution, seeds)
+
+    lr = learning_rate(config, mesh)
+    t = config.train
+    optimizer = optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                            weight_decay=t.weight_decay)
+    params = stacked_variables["params"]
+    state = TrainState(step=jnp.int32(0), params=params,
+                       opt_state=jax.vmap(optimizer.init)(params))
+    state_shardings = TrainState(
+        step=sharding.tree_shardings(state.step, mesh, sharding.REPLICATED),
+        params=sharding.tree_shardings(state.params, mesh, sharding.CONCEPT_LEADING),
+        opt_state=sharding.tree_shardings(state.opt_state, mesh, sharding.CONCEPT_LEADING))
+    frozen = (sd.unet_params, text.text_params)
+
+    batch_sharding = None
+    if mesh.shape["data"] > 1:
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    statics = StepStatics(unet=sd.unet, text_encoder=text.text_encoder, mapper=mappers[0],
+                          mapper_config=mapper_config,
+                          prediction_type=sd.scheduler_config.prediction_type,
+                          scaling_factor=sd.vae_config.scaling_factor, batch_size=t.batch_size,
+                          grad_accum=t.grad_accum,
+                          num_train_timesteps=sd.scheduler_config.num_train_timesteps,
+                          batch_sharding=batch_sharding)
+    concepts = [Concept(kind=config.mapper.kind, mapper_config=mapper_config, variables=None,
+                        placeholder=s.placeholder, super_category=s.super_category,
+                        target_norm=target_norms[i], base_model=config.model,
+                        learnable_property=s.learnable_property, train_config=config.to_dict())
+                for i, s in enumerate(specs)]
+    return Session(specs=specs, concepts=concepts, mapper_config=mapper_config, data=data,
+                   frozen=frozen, schedule=ddpm_schedule(sd.scheduler_config), statics=statics,
+                   optimizer=optimizer, learning_rate=lr, initial_state=state,
+                   state_shardings=state_shardings,
+                   data_shardings=sharding.tree_shardings(data, mesh, sharding.CONCEPT_LEADING),
+                   frozen_shardings=sharding.tree_shardings(frozen, mesh, sharding.REPLICATED))
 
 
 def run(config, workdir: str) -> None:
@@ -141,82 +251,36 @@ def run(config, workdir: str) -> None:
     print(model_summary(sd), flush=True)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
-    placeholder_ids, target_norms = text.placeholder_ids, text.target_norms
-
-    # --- Mappers, one per concept, stacked on a leading concept axis.
-    mapper_config = mapper_config_from(config, sd)
-    super_embeddings = np.asarray(text.text_params["embeddings"]["token_embedding"]["embedding"])
-    mappers, variables = [], []
-    for index, spec in enumerate(specs):
-        mapper = build_mapper(config.mapper.kind, mapper_config,
-                              init_embedding=super_embeddings[placeholder_ids[index]])
-        mappers.append(mapper)
-        variables.append(init_mapper_variables(mapper, jax.random.key(config.train.seed)))
-    stacked_variables = jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
-    data = build_concept_data(specs, sd, text.tokenizer, placeholder_ids, target_norms,
-                              stacked_variables, workdir, config.data.resolution,
-                              config.train.seed)
-
-    # --- Optimizer and state.
-    lr = learning_rate(config, mesh)
+    session = build_session(config, sd, text, specs, mesh, workdir)
     t = config.train
-    optimizer = optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
-    params = stacked_variables["params"]
-    state = TrainState(step=jnp.int32(0), params=params,
-                       opt_state=jax.vmap(optimizer.init)(params))
-    state_shardings = TrainState(
-        step=sharding.tree_shardings(state.step, mesh, sharding.REPLICATED),
-        params=sharding.tree_shardings(state.params, mesh, sharding.CONCEPT_LEADING),
-        opt_state=sharding.tree_shardings(state.opt_state, mesh, sharding.CONCEPT_LEADING))
-    data_shardings = sharding.tree_shardings(data, mesh, sharding.CONCEPT_LEADING)
-    frozen = (sd.unet_params, text.text_params)
-    frozen_shardings = sharding.tree_shardings(frozen, mesh, sharding.REPLICATED)
-    schedule = ddpm_schedule(sd.scheduler_config)
 
+    # --- Restore or init.
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     start = checkpointer.latest_step() or 0
     if start:
-        abstract = sharding.sharded_abstract(state, state_shardings)
+        abstract = sharding.sharded_abstract(session.initial_state, session.state_shardings)
         state, _, _ = checkpointer.restore(start, abstract_state=abstract)
         truncate_metrics(workdir, start)
         print(f"resumed from step {start} in {workdir}", flush=True)
     else:
-        state = sharding.shard_put(state, state_shardings)
-    data = sharding.shard_put(data, data_shardings)
-    frozen = sharding.shard_put(frozen, frozen_shardings)
+        state = sharding.shard_put(session.initial_state, session.state_shardings)
+    session.put()
 
     # --- The compiled step (ahead of time; weights are arguments, the state is donated).
-    batch_sharding = None
-    if mesh.shape["data"] > 1:
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    statics = StepStatics(unet=sd.unet, text_encoder=text.text_encoder, mapper=mappers[0],
-                          mapper_config=mapper_config,
-                          prediction_type=sd.scheduler_config.prediction_type,
-                          scaling_factor=sd.vae_config.scaling_factor, batch_size=t.batch_size,
-                          grad_accum=t.grad_accum,
-                          num_train_timesteps=sd.scheduler_config.num_train_timesteps,
-                          batch_sharding=batch_sharding)
-    step_fn = jax.jit(functools.partial(train_step, optimizer=optimizer, statics=statics),
-                      in_shardings=(state_shardings, data_shardings, frozen_shardings, None),
-                      out_shardings=(state_shardings, None), donate_argnums=(0,))
     compile_start = time.perf_counter()
-    compiled = step_fn.lower(state, data, frozen, schedule).compile()
-    print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr {lr:g}; "
-          f"{len(specs)} concept(s) on mesh {dict(mesh.shape)}", flush=True)
+    compiled = session.step_fn().lower(state, session.data, session.frozen,
+                                       session.schedule).compile()
+    print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
+          f"{session.learning_rate:g}; {len(specs)} concept(s) on mesh {dict(mesh.shape)}",
+          flush=True)
 
     # --- The loop.
-    concepts = [Concept(kind=config.mapper.kind, mapper_config=mapper_config, variables=None,
-                        placeholder=s.placeholder, super_category=s.super_category,
-                        target_norm=target_norms[i], base_model=config.model,
-                        learnable_property=s.learnable_property, train_config=config_dict)
-                for i, s in enumerate(specs)]
     metadata = {"concepts": [dataclasses.asdict(s) for s in specs]}
     progress = Progress(t.steps, t.log_every, workdir, start_step=start)
     last_saved = start
     try:
         for step in range(start + 1, t.steps + 1):
-            state, losses = compiled(state, data, frozen, schedule)
+            state, losses = compiled(state, session.data, session.frozen, session.schedule)
             loss = np.asarray(losses)
             if not np.isfinite(loss).all():
                 raise UserError(
@@ -230,13 +294,15 @@ def run(config, workdir: str) -> None:
             if config.validation.every and (step % config.validation.every == 0
                                             or step == t.steps):
                 write_validation_grids(workdir / "validation" / f"step_{step:06d}", sd, text,
-                                       concepts, state.params, data.encoding, config.validation)
+                                       session.concepts, state.params, session.data.encoding,
+                                       config.validation)
     finally:
+        progress.close()
         checkpointer.close()
 
     # --- Artifacts: one standalone concept per spec.
-    for index, (spec, concept) in enumerate(zip(specs, concepts)):
-        concept.variables = concept_variables(state.params, data.encoding, index)
+    for index, (spec, concept) in enumerate(zip(specs, session.concepts)):
+        concept.variables = concept_variables(state.params, session.data.encoding, index)
         folder = save_concept(workdir / "concept" if len(specs) == 1
                               else workdir / "concepts" / spec.name, concept)
         print(f"concept {spec.placeholder} -> {folder}", flush=True)

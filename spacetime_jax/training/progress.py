@@ -8,7 +8,8 @@
 A line shows the step, each metric averaged over the steps since the previous line, the
 speed over those steps and the time left at that speed. Metrics are fetched from the device
 only when a line is written, so calling `update` every step does not stall the step's
-asynchronous dispatch.
+asynchronous dispatch. With a workdir and tensorboardX installed, the same scalars also go to
+workdir/tensorboard (`tensorboard --logdir WORKDIR`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_writer(workdir: Path):
+    """A tensorboardX SummaryWriter in workdir/tensorboard, or None without tensorboardX."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
 
 def format_duration(seconds: float) -> str:
@@ -58,8 +69,10 @@ class Progress:
         self._window: Optional[tuple[int, float]] = None
         self._start_step = start_step
         self._pending: dict[str, list] = {}
+        self._tensorboard = None
         if self.metrics_path is not None:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = tensorboard_writer(self.metrics_path.parent)
 
     def update(self, step: int, **metrics: Any) -> Optional[dict]:
         """Records the step's metrics; returns the logged record on steps that write one."""
@@ -99,4 +112,18 @@ class Progress:
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.flush()
+            if step == self.total_steps:
+                self.close()
         return record
+
+    def close(self) -> None:
+        """Finishes the TensorBoard file (its writer thread flushes asynchronously); the last
+        step does it, a run that stops early calls it."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
