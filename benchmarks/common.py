@@ -66,17 +66,32 @@ def cost_analysis_flops(compiled: Any) -> Optional[float]:
     return float(sum(flops)) if flops else None
 
 
+def _memory_stats(compiled: Any):
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # not implemented on some backends
+        return None
+
+
 def memory_analysis_bytes(compiled: Any) -> Optional[int]:
     """Device memory of one call of a compiled computation: arguments + outputs + temporaries
     (less outputs aliased to donated arguments), or None if the backend gives none."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # not implemented on some backends
-        return None
+    stats = _memory_stats(compiled)
     if stats is None:
         return None
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def memory_parts(compiled: Any) -> Optional[str]:
+    """The same memory, itemized, in MB; None if the backend gives none."""
+    stats = _memory_stats(compiled)
+    if stats is None:
+        return None
+    mb = lambda n: f"{n / 2**20:.1f}"
+    return (f"arguments {mb(stats.argument_size_in_bytes)} + outputs "
+            f"{mb(stats.output_size_in_bytes)} + temporaries {mb(stats.temp_size_in_bytes)} "
+            f"- aliased {mb(stats.alias_size_in_bytes)} MB")
 
 
 def matmul_peak_flops(side: Optional[int] = None, *, steps: int = 5, warmup: int = 2,

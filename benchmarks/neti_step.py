@@ -52,7 +52,8 @@ import optax
 
 from benchmarks.common import (compile_timed, cost_analysis_flops, device_description,
                                format_or_na, format_table, matmul_peak_flops, median,
-                               memory_analysis_bytes, ratio_or_none, time_fn)
+                               memory_analysis_bytes, memory_parts, ratio_or_none,
+                               time_fn)
 from benchmarks.unet_step import SD15_UNET
 from configs.neti import get_config
 from spacetime_jax.data.latents import LatentMoments
@@ -249,19 +250,6 @@ def concept_data(frozen: FrozenModel, prompts: Prompts, encoding: dict, target_n
                        seeds=np.array([SEED], np.uint32),
                        encoding=jax.tree.map(lambda x: np.asarray(x)[None], encoding))
     return jax.tree.map(jnp.asarray, data)
-
-
-def memory_parts(compiled: Any) -> Optional[str]:
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # not implemented on some backends
-        return None
-    if stats is None:
-        return None
-    mb = lambda n: f"{n / 2**20:.1f}"
-    return (f"arguments {mb(stats.argument_size_in_bytes)} + outputs "
-            f"{mb(stats.output_size_in_bytes)} + temporaries {mb(stats.temp_size_in_bytes)} "
-            f"- aliased {mb(stats.alias_size_in_bytes)} MB")
 
 
 def measure_ours(statics: StepStatics, params: Any, data: ConceptData, frozen_params: Any,

@@ -8,10 +8,12 @@ pretrain_summary.json), runs/toyworld/grid.png, and each stage's folder (dataset
 unet/ with metrics.jsonl). Rerun the same command after an interruption: finished stages are
 skipped. Run it in the background (nohup ... > pretrain.log &) and follow the log.
 
-full:  the shipped model. 40k images; CLIP 64 wide; VAE [32, 64, 64, 64] (~1.3M params);
-       U-Net SD 1.x topology [32, 64, 64, 64], 16 cross-attention layers (~3.3M params);
-       budget ~75 min on 2 CPU cores: dataset ~2 min, CLIP ~10 min, VAE ~15 min, U-Net ~45 min,
-       validation ~1 min (see the time/loss figures in the summary of a run).
+full:  the shipped model (spacetime_jax/assets/toyworld, builtin:toyworld). 40k images;
+       CLIP 64 wide, 4+4 layers (held-out retrieval top-1 0.947 in batches of 64);
+       VAE [8, 16, 32, 32] (0.33M params, held-out L1 0.16); U-Net SD 1.x topology
+       [32, 64, 64, 64], 16 cross-attention layers (3.28M params, held-out noise loss 0.032).
+       Measured on 2 CPU cores shared with other work: dataset 1 min, CLIP 7 min, VAE 12 min,
+       latents + contexts 3 min, U-Net 42 min, export + validation 1 min: 1h05m in all.
 smoke: a few hundred images and a few steps per stage at toy widths: a minute or two, mostly
        compilation; the end-to-end test runs it.
 

@@ -32,6 +32,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
+from tests.cli_helpers import complete_steps, error_line
+
 from spacetime_jax.toyworld.concepts import HELD_OUT_CONCEPTS, write_concept_images
 from spacetime_jax.visualize import LABEL_HEIGHT, MIN_TILE
 
@@ -152,19 +154,6 @@ def sample_args(workdir: Path, concept: Path, prompts=SAMPLE_PROMPTS,
             f"--config.concept={concept}", "--config.sample.steps=2",
             f"--config.sample.prompts={tuple(prompts)!r}",
             f"--config.sample.truncations={tuple(truncations)!r}"]
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The run's one 'error:' line; no traceback around it."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-def complete_steps(workdir: Path) -> list[int]:
-    """Checkpoint steps on disk that orbax finished (an unfinished save is a *-tmp folder)."""
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def saved_state(workdir: Path, step: int) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from flax import traverse_util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +285,55 @@ def test_files_that_are_not_neti_checkpoints_are_clear_errors(tmp_path):
         import_neti_checkpoint(str(text))
     with pytest.raises(UserError, match="not found"):
         import_neti_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from spacetime_jax.tools.make_tiny_model import make_tiny_model
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    make_tiny_model(folder, style="sd1", seed=0)  # text width 32, the test mapper's token_dim
+    return folder
+
+
+def test_command_line_writes_a_concept_the_sampler_loads(official, tiny_model, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from spacetime_jax.models.tokenizer import load_tokenizer, single_token_id
+    from spacetime_jax.neti.concept import load_concept
+    from spacetime_jax.neti.importer import main
+
+    _, path = official
+    out = tmp_path / "concept"
+    main([str(path), "--out", str(out), "--base-model", str(tiny_model),
+          "--super-category", "object"])
+    concept = load_concept(out)
+    imported = import_neti_checkpoint(str(path))
+    assert (concept.placeholder, concept.super_category) == ("<cat-toy>", "object")
+    assert concept.base_model == str(tiny_model) and concept.kind == "neti"
+    assert concept.mapper_config == imported.mapper_config
+    ours = traverse_util.flatten_dict(concept.variables, sep="/")
+    theirs = traverse_util.flatten_dict(jax.device_get(imported.variables), sep="/")
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():  # the artifact stores float32
+        np.testing.assert_array_equal(ours[key], np.asarray(value, np.float32), err_msg=key)
+    # No target norm in the run's cfg: the norm of the super-category's input embedding.
+    token = single_token_id(load_tokenizer(tiny_model / "tokenizer"), "object")
+    table = load_file(str(tiny_model / "text_encoder" / "model.safetensors"))[
+        "text_model.embeddings.token_embedding.weight"]
+    assert concept.target_norm == pytest.approx(float(np.linalg.norm(table[token])), rel=1e-6)
+    assert f"-> {out}" in capsys.readouterr().out
+
+
+def test_command_line_errors_are_one_line_exit_2(official, tiny_model, tmp_path, capsys):
+    from spacetime_jax.neti.importer import main
+
+    _, path = official
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--out", str(tmp_path / "c"), "--base-model", str(tiny_model),
+              "--super-category", "teddy bear"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: super-category 'teddy bear' is") and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()

@@ -8,37 +8,24 @@ step) on the same draws.
 """
 from __future__ import annotations
 
-import copy
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
+from configs.neti import get_config
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
 from spacetime_jax.neti.concept import prepare_text_encoder
 from spacetime_jax.neti.train import build_session, concept_seed, concept_specs
 from spacetime_jax.parallel.mesh import make_mesh
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 150
 EVAL_DRAWS = 256  # (example, noise, timestep) triples per loss: the loss is a noisy mean
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("neti_config", REPO / "configs" / "neti.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = copy.deepcopy(module.get_config("tiny"))
-    config.unlock()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config = get_config("tiny")
+    config.update_from_flattened_dict(overrides)
     return config
 
 

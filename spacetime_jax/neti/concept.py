@@ -90,7 +90,9 @@ def save_concept(folder: str | Path, concept: Concept) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(concept.variables), sep="/")
-    save_file({k: np.asarray(v, np.float32) for k, v in flat.items()},
+    # Contiguous: safetensors writes an array's buffer as is, and a transposed view (an
+    # imported PyTorch kernel) would be saved untransposed.
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
               str(folder / "mapper.safetensors"))
     meta = {
         "version": ARTIFACT_VERSION,

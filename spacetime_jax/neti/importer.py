@@ -303,3 +303,80 @@ def import_neti_checkpoint(path: str, *, token_dim: Optional[int] = None) -> Imp
         base_model=_cfg_field(cfg, "model", "pretrained_model_name_or_path"),
         target_norm=None if target_norm is None else float(target_norm),
         raw_cfg_dict=cfg)
+
+
+# ---------------------------------------------------------------------------- into our artifact
+
+def super_category_norm(model: str, word: str) -> float:
+    """The norm of `word`'s input embedding in `model`'s text encoder (the reference's
+    target_norm when the run saved none); `word` must be one token."""
+    from spacetime_jax.models.builtin import resolve_builtin
+    from spacetime_jax.models.pretrained import load_text_encoder, resolve_model_dir
+    from spacetime_jax.models.tokenizer import load_tokenizer, single_token_id
+
+    folder = resolve_model_dir(resolve_builtin(model))
+    token_id = single_token_id(load_tokenizer(folder / "tokenizer"), word)
+    _, params = load_text_encoder(folder / "text_encoder")
+    table = np.asarray(params["embeddings"]["token_embedding"]["embedding"])
+    return float(np.linalg.norm(table[token_id]))
+
+
+def to_concept(imported: ImportedConcept, *, base_model: Optional[str] = None,
+               placeholder: Optional[str] = None, super_category: Optional[str] = None,
+               target_norm: Optional[float] = None):
+    """Our concept artifact (neti.concept.Concept) from an import; each argument overrides what
+    the official run's cfg says. Without a target norm anywhere, it is computed from the base
+    model (super_category_norm)."""
+    from spacetime_jax.neti.concept import Concept
+
+    base_model = base_model or imported.base_model
+    placeholder = placeholder or imported.placeholder_token
+    super_category = super_category or imported.super_category_token
+    for value, what, flag in ((base_model, "base model", "--base-model"),
+                              (placeholder, "placeholder token", "--placeholder"),
+                              (super_category, "super-category token", "--super-category")):
+        if not value:
+            raise UserError(f"the checkpoint's cfg does not name its {what}; pass {flag}")
+    if target_norm is None:
+        target_norm = imported.target_norm
+    if target_norm is None:
+        target_norm = super_category_norm(base_model, super_category)
+    return Concept(kind="neti", mapper_config=imported.mapper_config,
+                   variables=imported.variables, placeholder=placeholder,
+                   super_category=super_category, target_norm=float(target_norm),
+                   base_model=base_model, train_config={"imported_from_official_neti":
+                                                        imported.raw_cfg_dict})
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """python -m spacetime_jax.neti.importer mapper-steps-1000.pt --out runs/cat/concept"""
+    import argparse
+    import sys
+
+    from spacetime_jax.neti.concept import save_concept
+
+    parser = argparse.ArgumentParser(
+        description="Import an official NeTI mapper checkpoint as a spacetime-jax concept "
+                    "(sample it with configs/sample.py:neti --config.concept=OUT).")
+    parser.add_argument("checkpoint", help="the official run's mapper-steps-N.pt")
+    parser.add_argument("--out", required=True, help="folder for the concept artifact")
+    parser.add_argument("--base-model", help="diffusers folder or hub id (default: the cfg's)")
+    parser.add_argument("--placeholder", help="placeholder token (default: the cfg's)")
+    parser.add_argument("--super-category", help="super-category word (default: the cfg's)")
+    parser.add_argument("--target-norm", type=float,
+                        help="default: the cfg's, else the super-category embedding's norm")
+    args = parser.parse_args(argv)
+    try:
+        imported = import_neti_checkpoint(args.checkpoint)
+        concept = to_concept(imported, base_model=args.base_model, placeholder=args.placeholder,
+                             super_category=args.super_category, target_norm=args.target_norm)
+        folder = save_concept(args.out, concept)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"concept {concept.placeholder} (base model {concept.base_model}, target norm "
+          f"{concept.target_norm:.4f}) -> {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,16 +2,17 @@
 
 Every concept-indexed array carries a leading concept axis K (K = 1 for a single concept: the
 same code path). The per-concept loss is vmapped over K with `spmd_axis_name="concept"`, so on
-a mesh the K concepts spread over the `concept` axis and each concept's batch over `data`.
-Gradient accumulation is a `lax.scan` over micro-batches inside the step. Everything random in
-a step (images, flips, prompts, latents, noise, timesteps, nested dropout) comes from
-fold_in(key(concept seed), step): a concept's run does not depend on its batch-mates, and a
-resumed run draws what an uninterrupted one would.
+a mesh the K concepts spread over the `concept` axis and each concept's batch over `data`. K
+may include padding rows (K rounded up to a multiple of the mesh's concept axis): `real` marks
+them, and they neither learn nor report a loss. Gradient accumulation is a `lax.scan` over
+micro-batches inside the step. Everything random in a step (images, flips, prompts, latents,
+noise, timesteps, nested dropout) comes from fold_in(key(concept seed), step): a concept's run
+does not depend on its batch-mates, and a resumed run draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
@@ -42,6 +43,16 @@ class ConceptData:
     target_norms: jax.Array   # (K,)
     seeds: jax.Array          # (K,) uint32 per-concept seed
     encoding: Any             # the mappers' fixed variables (Fourier W), leading axis K
+    real: Any = None          # (K,) bool, False on padding rows; None: every row is real
+
+
+class MicroBatch(NamedTuple):
+    """What one concept's micro-batch draws: B examples, each row its own (example, noise,
+    timestep, prompt); laid out over `data` inside the step."""
+    latents: jax.Array    # (B, h, w, c) scaled latents of the drawn images (or their flips)
+    noise: jax.Array      # (B, h, w, c)
+    timesteps: jax.Array  # (B,)
+    prompts: jax.Array    # (B,) template index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +64,7 @@ class StepStatics:
     mapper_config: Any
     prediction_type: str
     scaling_factor: float
-    batch_size: int
+    batch_size: int          # one concept's micro-batch over all its `data` replicas
     grad_accum: int
     num_train_timesteps: int
     batch_sharding: Optional[NamedSharding] = None  # (B, ...) over `data`, inside the vmap
@@ -66,19 +77,43 @@ def _constrain_batch(x: jax.Array, statics: StepStatics) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(statics.batch_sharding.mesh, spec))
 
 
-def micro_batch_loss(params, frozen, schedule: DDPMSchedule, data: ConceptData, rng,
-                     statics: StepStatics, train: bool = True) -> jax.Array:
-    """Noise-prediction MSE of one concept on one micro-batch drawn from `rng` (with nested
-    dropout when `train`)."""
-    unet_params, text_params = frozen
-    rows_rng, prompt_rng, latent_rng, noise_rng, t_rng, dropout_rng = jax.random.split(rng, 6)
+def _concept_axis(statics: StepStatics) -> Optional[str]:
+    """The mesh axis a vmap over concepts maps to (its sharding constraints gain it)."""
+    return "concept" if statics.batch_sharding is not None else None
+
+
+def _micro_batch_keys(rng) -> jax.Array:
+    """(rows, prompts, latents, noise, timesteps, nested dropout) keys of one micro-batch."""
+    return jax.random.split(rng, 6)
+
+
+def draw_micro_batch(data: ConceptData, rng, statics: StepStatics) -> MicroBatch:
+    """One concept's micro-batch from `rng` (its own (K,)-less slice of `data`)."""
+    rows_rng, prompt_rng, latent_rng, noise_rng, t_rng, _ = _micro_batch_keys(rng)
     batch = statics.batch_size
     rows = jax.random.randint(rows_rng, (batch,), 0, data.num_rows)
     prompts = jax.random.randint(prompt_rng, (batch,), 0, data.prompt_ids.shape[0])
     latents = _constrain_batch(
         sample_latents(latent_rng, data.moments, rows, statics.scaling_factor), statics)
-    noise = jax.random.normal(noise_rng, latents.shape)
-    timesteps = sample_timesteps(t_rng, batch, statics.num_train_timesteps)
+    noise = _constrain_batch(jax.random.normal(noise_rng, latents.shape), statics)
+    timesteps = _constrain_batch(
+        sample_timesteps(t_rng, batch, statics.num_train_timesteps), statics)
+    return MicroBatch(latents, noise, timesteps, _constrain_batch(prompts, statics))
+
+
+def draw_batches(data: ConceptData, rngs: jax.Array, statics: StepStatics) -> MicroBatch:
+    """Every concept's micro-batch, (K, B, ...): the layout the step trains on."""
+    return jax.vmap(draw_micro_batch, in_axes=(0, 0, None),
+                    spmd_axis_name=_concept_axis(statics))(data, rngs, statics)
+
+
+def micro_batch_loss(params, frozen, schedule: DDPMSchedule, data: ConceptData, rng,
+                     statics: StepStatics, train: bool = True) -> jax.Array:
+    """Noise-prediction MSE of one concept on one micro-batch drawn from `rng` (with nested
+    dropout when `train`)."""
+    unet_params, text_params = frozen
+    latents, noise, timesteps, prompts = draw_micro_batch(data, rng, statics)
+    dropout_rng = _micro_batch_keys(rng)[5]
     noisy = add_noise(schedule, latents, noise, timesteps)
     variables = {"params": params, **data.encoding}
     contexts = concept_contexts(
@@ -111,16 +146,30 @@ def step_rngs(seeds: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
 
 
+def keep_real_rows(real: Optional[jax.Array], new: Any, old: Any) -> Any:
+    """`new` on real concept rows, `old` on padding rows (leading axis K on every leaf)."""
+    if real is None:
+        return new
+    def select(new_leaf, old_leaf):
+        mask = real.reshape(real.shape + (1,) * (new_leaf.ndim - 1))
+        return jnp.where(mask, new_leaf, old_leaf)
+    return jax.tree.map(select, new, old)
+
+
 def train_step(state: TrainState, data: ConceptData, frozen, schedule: DDPMSchedule, *,
                optimizer: optax.GradientTransformation,
                statics: StepStatics) -> tuple[TrainState, jax.Array]:
-    """One optimizer step for all K concepts; returns the new state and the (K,) losses."""
+    """One optimizer step for all K concepts; returns the new state and the (K,) losses
+    (0 on padding rows, whose params and optimizer state stay as they were)."""
     rngs = step_rngs(data.seeds, state.step)
     per_concept = jax.vmap(concept_grads, in_axes=(0, None, None, 0, 0, None),
-                           spmd_axis_name="concept" if statics.batch_sharding else None)
+                           spmd_axis_name=_concept_axis(statics))
     losses, grads = per_concept(state.params, frozen, schedule, data, rngs, statics)
     updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state = keep_real_rows(data.real, (params, opt_state),
+                                       (state.params, state.opt_state))
+    losses = keep_real_rows(data.real, losses, jnp.zeros_like(losses))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), losses
 
 
@@ -133,4 +182,5 @@ def evaluation_loss(params, data: ConceptData, frozen, schedule: DDPMSchedule,
         rngs = jax.random.split(jax.random.key(seed), statics.grad_accum)
         return jax.vmap(lambda r: micro_batch_loss(params_k, frozen, schedule, data_k, r, statics,
                                                    train=False))(rngs).mean()
-    return jax.vmap(one)(params, data, eval_seeds)
+    losses = jax.vmap(one, spmd_axis_name=_concept_axis(statics))(params, data, eval_seeds)
+    return keep_real_rows(data.real, losses, jnp.zeros_like(losses))

@@ -1,14 +1,21 @@
 """The `neti` job: learn each concept's space-time mapper on a frozen Stable Diffusion.
 
+One concept (`configs/neti.py`: config.concept + data.images) or a batch of them
+(`configs/neti_batch.py`: data.concepts, a folder of concept folders or a manifest; see
+spacetime_jax/neti/batch.py), one code path: every concept-indexed array has a leading axis K,
+padded to a multiple of the mesh's `concept` axis.
+
 Reads top to bottom: devices and mesh, the frozen model, the concepts (validated before any
 compute), the data each step draws from, the mappers and optimizer, restore or init, the
-compiled step, the loop (progress, checkpoints, validation grids), the artifacts.
+compiled step, the loop (progress, checkpoints, validation grids, a clean stop on SIGTERM),
+the artifacts.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import signal
 import time
 import zlib
 from pathlib import Path
@@ -27,6 +34,9 @@ from spacetime_jax.errors import UserError
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion, model_summary
 from spacetime_jax.models.tokenizer import check_prompt_length, find_token_positions, tokenize
+from spacetime_jax.neti.batch import (ConceptSpec, check_images, check_tokens,
+                                      concept_name, pad_rows, padded_count, read_concept_set,
+                                      real_rows, resize_rows)
 from spacetime_jax.neti.concept import Concept, prepare_text_encoder, save_concept
 from spacetime_jax.neti.mapper import MapperConfig, build_mapper, init_mapper_variables
 from spacetime_jax.neti.sample import format_prompts, generate
@@ -37,36 +47,45 @@ from spacetime_jax.parallel.mesh import (make_mesh, maybe_initialize_distributed
                                          replicas_per_concept)
 from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
+from spacetime_jax.training.preemption import StopSignal
 from spacetime_jax.training.progress import METRICS_FILE, Progress
 from spacetime_jax.visualize import save_grid
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 # Keys a resumed run may change without a new workdir.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "validation")
+# A run stopped by SIGTERM exits with the status a shell reports for a SIGTERM death: a
+# supervisor (Kubernetes, a retry loop) sees an unfinished job and starts it again, which
+# resumes; 0 would read as finished.
+PREEMPTED_STATUS = 128 + signal.SIGTERM
 
 
-@dataclasses.dataclass(frozen=True)
-class ConceptSpec:
-    """One concept to learn, as the config names it."""
-    name: str
-    images: str
-    placeholder: str
-    super_category: str
-    learnable_property: str = "object"
+def is_batch(config) -> bool:
+    """A batch run (configs/neti_batch.py: data.concepts): its outputs go to per-concept
+    folders, even for one concept."""
+    return "concepts" in config.data
 
 
 def concept_specs(config) -> list[ConceptSpec]:
-    """The single concept of `config.concept` / `config.data` (batch runs list several)."""
+    """The concepts of a run: the one of `config.concept` / `data.images`, or the batch that
+    `data.concepts` names (a folder of concept folders or a manifest)."""
     c = config.concept
     if c.learnable_property not in TEMPLATES:
         raise UserError(f"concept.learnable_property={c.learnable_property!r}: use 'object' or "
                         "'style'")
+    if is_batch(config):
+        if not config.data.concepts:
+            raise UserError("data.concepts is not set: --config.data.concepts=DIR (one "
+                            "sub-folder of images per concept, or a concepts.csv manifest)")
+        if config.data.images:
+            raise UserError("data.images and data.concepts are both set: a batch run takes "
+                            "its concepts from data.concepts alone")
+        return read_concept_set(config.data.concepts, c.super_category, c.learnable_property)
     if not config.data.images:
         raise UserError("data.images is not set: --config.data.images=FOLDER of the concept's "
                         "images")
-    name = c.placeholder.strip("<>") or "concept"
-    return [ConceptSpec(name, config.data.images, c.placeholder, c.super_category,
-                        c.learnable_property)]
+    return [ConceptSpec(concept_name(c.placeholder), config.data.images, c.placeholder,
+                        c.super_category, c.learnable_property)]
 
 
 def mapper_config_from(config, sd) -> MapperConfig:
@@ -89,8 +108,11 @@ def learning_rate(config, mesh) -> float:
 
 
 def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, variables,
-                       workdir: Path, resolution: int, seeds: list[int]) -> ConceptData:
-    """Tokenized templates, cached latent moments and fixed mapper variables, stacked on K."""
+                       workdir: Path, resolution: int, seeds: list[int],
+                       count: int | None = None) -> ConceptData:
+    """Tokenized templates, cached latent moments and fixed mapper variables, stacked on K and
+    padded to `count` rows (default: no padding) with copies of the last concept, which
+    `real` marks as padding."""
     moments, counts, prompt_ids, positions = [], [], [], []
     for index, spec in enumerate(specs):
         images, _ = load_concept_images(spec.images, resolution)
@@ -108,11 +130,13 @@ def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, vari
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
     stacked = LatentMoments(np.stack([pad(np.asarray(m.mean)) for m in moments]),
                             np.stack([pad(np.asarray(m.logvar)) for m in moments]))
-    return ConceptData(moments=stacked, num_rows=np.asarray(counts, np.int32),
+    count = count or len(specs)
+    data = ConceptData(moments=stacked, num_rows=np.asarray(counts, np.int32),
                        prompt_ids=np.stack(prompt_ids), positions=np.stack(positions),
-                       target_norms=np.asarray(target_norms, np.float32),
+                       target_norms=np.asarray(target_norms[:len(specs)], np.float32),
                        seeds=np.asarray(seeds, np.uint32),
                        encoding={k: v for k, v in variables.items() if k != "params"})
+    return pad_rows(data, count).replace(real=real_rows(len(specs), count))
 
 
 def truncate_metrics(workdir: Path, last_step: int) -> None:
@@ -134,7 +158,11 @@ def concept_seed(train_seed: int, placeholder: str) -> int:
 @dataclasses.dataclass
 class Session:
     """One run's concepts, data, frozen model and compiled-step ingredients, built once; the
-    job, the tests and the quality benchmark all step through it."""
+    job, the tests and the quality benchmark all step through it.
+
+    The state and data have `padded_count` rows on their concept axis: the K = len(specs)
+    concepts, then padding up to a multiple of the mesh's concept axis (`data.real` False).
+    Concept index k < K means the same concept everywhere."""
     specs: list
     concepts: list  # Concept metadata per spec (variables filled at the end)
     mapper_config: MapperConfig
@@ -148,6 +176,28 @@ class Session:
     state_shardings: TrainState
     data_shardings: Any
     frozen_shardings: Any
+    checkpoint_shardings: TrainState  # of the state's K real rows (what is saved)
+
+    @property
+    def padded_count(self) -> int:
+        return int(self.data.seeds.shape[0])
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        """The real concepts' rows of `state`: what a checkpoint holds, whatever the mesh."""
+        if self.padded_count == len(self.specs):
+            return state
+        return resize_rows(state, len(self.specs), self.checkpoint_shardings)
+
+    def abstract_checkpoint(self) -> TrainState:
+        """What checkpoint_state returns, as a restore target."""
+        return sharding.sharded_abstract(real_shapes(self.initial_state, len(self.specs)),
+                                         self.checkpoint_shardings)
+
+    def step_state(self, restored: TrainState) -> TrainState:
+        """A restored checkpoint padded again and placed for the step."""
+        if self.padded_count == len(self.specs):
+            return restored
+        return resize_rows(restored, self.padded_count, self.state_shardings)
 
     def put(self) -> None:
         """Places the data and frozen weights on the mesh (once, before stepping)."""
@@ -170,19 +220,33 @@ class Session:
         """(K,) mean loss of `params` over `num_draws` fixed draws of (example, noise,
         timestep) per concept, without nested dropout: the same draws for any params and any
         mapper kind, so losses of different runs compare on the same held-out pairs."""
-        K = len(self.specs)
         per_call = self.statics.batch_size * self.statics.grad_accum
         calls = -(-num_draws // per_call)
         losses = [self._evaluation_loss(params, self.data, self.frozen, self.schedule,
-                                        jnp.full((K,), 1_000_003 * seed + i, jnp.uint32))
+                                        jnp.full((self.padded_count,), 1_000_003 * seed + i,
+                                                 jnp.uint32))
                   for i in range(calls)]
-        return np.mean(np.asarray(jax.device_get(losses)), axis=0)
+        return np.mean(np.asarray(jax.device_get(losses)), axis=0)[:len(self.specs)]
+
+
+def real_shapes(state: TrainState, num_concepts: int) -> TrainState:
+    """`state`'s leaves as shapes, cut to the first `num_concepts` rows of the concept axis."""
+    def cut(x):
+        shape = (num_concepts,) + tuple(x.shape[1:]) if np.ndim(x) else ()
+        return jax.ShapeDtypeStruct(shape, x.dtype)
+    return jax.tree.map(cut, state)
 
 
 def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
     """Mappers (one per concept, stacked on a leading concept axis, each from its own seed),
     the data each step draws from (latent moments cached under workdir/cache), optimizer and
-    the initial state, with the shardings of every part."""
+    the initial state, with the shardings of every part.
+
+    `text` may know more placeholders than `specs` (spec k uses its k-th); the concept axis is
+    padded to a multiple of the mesh's `concept` axis. train.batch_size is per data replica:
+    a concept's micro-batch is batch_size x its replicas, and the learning rate scales with
+    them (learning_rate), so a concept learns the same alone or among others on as many
+    replicas."""
     placeholder_ids, target_norms = text.placeholder_ids, text.target_norms
     mapper_config = mapper_config_from(config, sd)
     super_embeddings = np.asarray(text.text_params["embeddings"]["token_embedding"]["embedding"])
@@ -194,9 +258,10 @@ def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
                               init_embedding=super_embeddings[placeholder_ids[index]])
         mappers.append(mapper)
         variables.append(init_mapper_variables(mapper, jax.random.key(seeds[index])))
-    stacked_variables = jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
+    count = padded_count(len(specs), mesh)
+    stacked_variables = pad_rows(jax.tree.map(lambda *xs: np.stack(xs), *variables), count)
     data = build_concept_data(specs, sd, text.tokenizer, placeholder_ids, target_norms,
-                              stacked_variables, workdir, config.data.resolution, seeds)
+                              stacked_variables, workdir, config.data.resolution, seeds, count)
 
     lr = learning_rate(config, mesh)
     t = config.train
@@ -205,22 +270,22 @@ def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
     params = stacked_variables["params"]
     state = TrainState(step=jnp.int32(0), params=params,
                        opt_state=jax.vmap(optimizer.init)(params))
-    state_shardings = TrainState(
-        step=sharding.tree_shardings(state.step, mesh, sharding.REPLICATED),
-        params=sharding.tree_shardings(state.params, mesh, sharding.CONCEPT_LEADING),
-        opt_state=sharding.tree_shardings(state.opt_state, mesh, sharding.CONCEPT_LEADING))
+    state_shardings = concept_state_shardings(state, mesh)
     frozen = (sd.unet_params, text.text_params)
+    # The U-Net's big kernels over `model` when there is one; the text encoder is small.
+    unet_rules = sharding.MODEL_SHARDED_UNET if mesh.shape["model"] > 1 else sharding.REPLICATED
+    frozen_shardings = (sharding.tree_shardings(sd.unet_params, mesh, unet_rules),
+                        sharding.tree_shardings(text.text_params, mesh, sharding.REPLICATED))
 
-    batch_sharding = None
-    if mesh.shape["data"] > 1:
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     statics = StepStatics(unet=sd.unet, text_encoder=text.text_encoder, mapper=mappers[0],
                           mapper_config=mapper_config,
                           prediction_type=sd.scheduler_config.prediction_type,
-                          scaling_factor=sd.vae_config.scaling_factor, batch_size=t.batch_size,
+                          scaling_factor=sd.vae_config.scaling_factor,
+                          batch_size=t.batch_size * replicas_per_concept(mesh),
                           grad_accum=t.grad_accum,
                           num_train_timesteps=sd.scheduler_config.num_train_timesteps,
-                          batch_sharding=batch_sharding)
+                          batch_sharding=jax.sharding.NamedSharding(
+                              mesh, jax.sharding.PartitionSpec("data")))
     concepts = [Concept(kind=config.mapper.kind, mapper_config=mapper_config, variables=None,
                         placeholder=s.placeholder, super_category=s.super_category,
                         target_norm=target_norms[i], base_model=config.model,
@@ -231,7 +296,18 @@ def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
                    optimizer=optimizer, learning_rate=lr, initial_state=state,
                    state_shardings=state_shardings,
                    data_shardings=sharding.tree_shardings(data, mesh, sharding.CONCEPT_LEADING),
-                   frozen_shardings=sharding.tree_shardings(frozen, mesh, sharding.REPLICATED))
+                   frozen_shardings=frozen_shardings,
+                   checkpoint_shardings=concept_state_shardings(
+                       real_shapes(state, len(specs)), mesh))
+
+
+def concept_state_shardings(state: TrainState, mesh) -> TrainState:
+    """The step counter replicated, everything else split on its leading concept axis (or
+    replicated where that axis does not divide: a checkpoint's K real rows)."""
+    return TrainState(
+        step=sharding.tree_shardings(state.step, mesh, sharding.REPLICATED),
+        params=sharding.tree_shardings(state.params, mesh, sharding.CONCEPT_LEADING),
+        opt_state=sharding.tree_shardings(state.opt_state, mesh, sharding.CONCEPT_LEADING))
 
 
 def run(config, workdir: str) -> None:
@@ -244,22 +320,23 @@ def run(config, workdir: str) -> None:
     # --- The frozen model and the concepts (everything validated before any compute).
     specs = concept_specs(config)
     # Images and the workdir first: a typo there must not wait for the model to load.
-    for spec in specs:
-        load_concept_images(spec.images, config.data.resolution)  # fail fast, by name
+    check_images(specs, config.data.resolution)
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     sd = load_stable_diffusion(resolve_builtin(config.model), compute_dtype(config.compute_dtype))
     print(model_summary(sd), flush=True)
+    check_tokens(specs, sd.tokenizer)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
     session = build_session(config, sd, text, specs, mesh, workdir)
     t = config.train
+    K = len(specs)
 
-    # --- Restore or init.
+    # --- Restore or init (a checkpoint holds the K real concepts; the padding is the mesh's).
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     start = checkpointer.latest_step() or 0
     if start:
-        abstract = sharding.sharded_abstract(session.initial_state, session.state_shardings)
-        state, _, _ = checkpointer.restore(start, abstract_state=abstract)
+        restored, _, _ = checkpointer.restore(start, abstract_state=session.abstract_checkpoint())
+        state = session.step_state(restored)
         truncate_metrics(workdir, start)
         print(f"resumed from step {start} in {workdir}", flush=True)
     else:
@@ -270,32 +347,44 @@ def run(config, workdir: str) -> None:
     compile_start = time.perf_counter()
     compiled = session.step_fn().lower(state, session.data, session.frozen,
                                        session.schedule).compile()
+    padding = session.padded_count - K
     print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
-          f"{session.learning_rate:g}; {len(specs)} concept(s) on mesh {dict(mesh.shape)}",
+          f"{session.learning_rate:g}; {K} concept(s)"
+          f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}",
           flush=True)
 
-    # --- The loop.
+    # --- The loop; SIGTERM ends it at a step boundary with a checkpoint.
     metadata = {"concepts": [dataclasses.asdict(s) for s in specs]}
     progress = Progress(t.steps, t.log_every, workdir, start_step=start)
     last_saved = start
     try:
-        for step in range(start + 1, t.steps + 1):
-            state, losses = compiled(state, session.data, session.frozen, session.schedule)
-            loss = np.asarray(losses)
-            if not np.isfinite(loss).all():
-                raise UserError(
-                    f"loss is {loss.tolist()} at step {step}: training stopped; the last good "
-                    f"checkpoint (step {last_saved}) is kept in {workdir}/checkpoints. Lower "
-                    "train.learning_rate or check the images")
-            progress.update(step, loss=float(loss.mean()))
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                checkpointer.save(step, state, config_dict, metadata)
-                last_saved = step
-            if config.validation.every and (step % config.validation.every == 0
-                                            or step == t.steps):
-                write_validation_grids(workdir / "validation" / f"step_{step:06d}", sd, text,
-                                       session.concepts, state.params, session.data.encoding,
-                                       config.validation)
+        with StopSignal() as stop:
+            for step in range(start + 1, t.steps + 1):
+                state, losses = compiled(state, session.data, session.frozen, session.schedule)
+                loss = np.asarray(losses)[:K]
+                if not np.isfinite(loss).all():
+                    raise UserError(
+                        f"loss is {loss.tolist()} at step {step}: training stopped; the last "
+                        f"good checkpoint (step {last_saved}) is kept in {workdir}/checkpoints. "
+                        "Lower train.learning_rate or check the images")
+                progress.update(step, loss=float(loss.mean()))
+                stopping = step < t.steps and stop.requested()
+                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+                    checkpointer.save(step, session.checkpoint_state(state), config_dict,
+                                      metadata)
+                    last_saved = step
+                if config.validation.every and (step % config.validation.every == 0
+                                                or step == t.steps):
+                    write_validation_grids(workdir / "validation" / f"step_{step:06d}", sd,
+                                           text, session.concepts, [s.name for s in specs],
+                                           state.params, session.data.encoding,
+                                           config.validation)
+                if stopping:
+                    checkpointer.wait()
+                    print(f"stopped by {stop.name} after step {step}: checkpoint {step} is "
+                          f"saved in {workdir}/checkpoints; run the same command to resume",
+                          flush=True)
+                    raise SystemExit(PREEMPTED_STATUS)
     finally:
         progress.close()
         checkpointer.close()
@@ -303,8 +392,8 @@ def run(config, workdir: str) -> None:
     # --- Artifacts: one standalone concept per spec.
     for index, (spec, concept) in enumerate(zip(specs, session.concepts)):
         concept.variables = concept_variables(state.params, session.data.encoding, index)
-        folder = save_concept(workdir / "concept" if len(specs) == 1
-                              else workdir / "concepts" / spec.name, concept)
+        folder = save_concept(workdir / "concepts" / spec.name if is_batch(config)
+                              else workdir / "concept", concept)
         print(f"concept {spec.placeholder} -> {folder}", flush=True)
 
 
@@ -313,10 +402,10 @@ def concept_variables(stacked_params, stacked_encoding, index: int) -> dict:
     return {"params": take(stacked_params), **take(stacked_encoding)}
 
 
-def write_validation_grids(folder: Path, sd, text, concepts, stacked_params, stacked_encoding,
-                           validation) -> None:
-    """The reference's validation: prompts x seeds per concept, as grids."""
-    for index, concept in enumerate(concepts):
+def write_validation_grids(folder: Path, sd, text, concepts, names, stacked_params,
+                           stacked_encoding, validation) -> None:
+    """The reference's validation: prompts x seeds per concept, as grids (folder/<name>.png)."""
+    for index, (concept, name) in enumerate(zip(concepts, names)):
         variables = concept_variables(stacked_params, stacked_encoding, index)
         prompts = format_prompts(validation.prompts, concept.placeholder)
         rows = [p for p in prompts for _ in validation.seeds]
@@ -325,7 +414,6 @@ def write_validation_grids(folder: Path, sd, text, concepts, stacked_params, sta
                           rows, seeds, variables=variables,
                           num_steps=validation.steps, guidance_scale=validation.guidance_scale,
                           method=validation.sampler)
-        name = concept.placeholder.strip("<>") or f"concept{index}"
         save_grid(folder / f"{name}.png", images, rows=len(prompts), cols=len(validation.seeds),
                   row_labels=list(validation.prompts), col_labels=[f"seed {s}" for s in
                                                                    validation.seeds])

@@ -1,0 +1,559 @@
+"""NeTI quality on the toy world's held-out concepts: concept fidelity and prompt fidelity.
+
+  nice -n 10 python benchmarks/neti_quality.py [--model builtin:toyworld] [--steps 100,250,500]
+      [--out runs/neti_quality]
+
+The four held-out concepts of toyworld/concepts.py (a crescent, a blue-and-white striped arrow,
+an orange bolt: shapes pretraining never drew; a red heart with white dots: a combination it
+never drew) get 5 photos each (seed 0) and a placeholder <name>, initialized from the nearest
+one-token world word (crescent: circle, arrow: triangle, bolt: star, polka_heart: heart). Each
+method learns all four at once, in one Session (a leading concept axis, K = 4) with the `tiny`
+config's settings (configs/neti.py: batch 2 x 2 accumulation, the same lr and seed), the same
+step budget for every method:
+
+  textual_inversion  the baseline: one learned embedding (mapper.kind=textual_inversion)
+  neti_no_bypass     NeTI's space-time mapper without the textual bypass
+  neti               NeTI (mapper and bypass); at the last milestone also sampled with the
+                     nested-dropout truncation 8, 16, 32, 64, 128 (128 = hidden_width keeps
+                     every dimension: that row is the untruncated one)
+
+At each milestone every concept is sampled with fixed seeds (the same for every method and
+milestone; 20 dpmpp_2m steps, guidance 4) from "a photo of a <name>" (plain) and from "a
+photo of a <name> on a C background" for four background colors C that are none of the
+concept's colors (edit). Scores, per image, averaged over the concept's images, then over the
+concepts:
+
+  clip      concept fidelity, the papers' image similarity computed with the world's own
+            CLIP: mean cosine similarity between the pooled image embedding (post-LN CLS token
+            of the shipped image_encoder) of the generated image and of each of the concept's
+            5 photos; _plain and _edit columns. Backgrounds enter the embedding too (the
+            photos' are random, the edits' prompted), so compare rows on the same prompts.
+  shape     concept fidelity from pixels (toyworld/fidelity.py): the best IoU between the
+            generated object's silhouette and a photo's, both cut to their bounding square
+            (position and size do not count). It separates the new shapes from their
+            super-category (a circle scores ~0.4 against the crescent's photos), not the
+            dotted heart from a plain one (same outline).
+  color     concept fidelity from pixels, on all images: the measured object color
+            (toyworld/measure.py) is the concept's main color (yellow, blue, orange, red).
+  bg        prompt fidelity (edit images only): the measured background color is the
+            prompted one. Chance is 1/8.
+
+Reference rows use the same prompts and seeds with no learning: the super-category word in
+place of the placeholder ("a photo of a circle"), and the concept in the world's words with
+the super-category's shape ("a photo of a yellow circle", "a photo of a blue striped
+triangle"); and fresh renders of the concept itself (seed 1; on the prompted backgrounds for
+the edit rows), the ceiling. s/concept: training wall time to the milestone over the number
+of concepts (compile apart; every concept of a run trains in the same steps).
+
+Written under --out: fidelity_editability.png (x: bg, y: clip_edit, one labelled point per
+truncation, the other methods and references as squares), photos.png (the training photos),
+samples_<method>_step<N>.png (per concept: plain seeds, then one image per edit background),
+samples_neti_step<N>_truncations.png, results.json (every row, per concept and mean) and
+photos/ (the photo files the runs read). Whatever comes out is reported; the world is not
+tuned to it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+from benchmarks.common import format_table
+from spacetime_jax.errors import UserError
+from spacetime_jax.models.builtin import resolve_builtin
+from spacetime_jax.models.clip_vision import clip_preprocess
+from spacetime_jax.models.pretrained import load_clip_vision, load_stable_diffusion
+from spacetime_jax.models.tokenizer import single_token_id
+from spacetime_jax.neti.concept import prepare_text_encoder
+from spacetime_jax.neti.sample import format_prompts, generate
+from spacetime_jax.neti.train import ConceptSpec, build_session, concept_variables
+from spacetime_jax.parallel import sharding
+from spacetime_jax.parallel.mesh import make_mesh
+from spacetime_jax.pipelines.text_to_image import text_to_image
+from spacetime_jax.toyworld import fidelity
+from spacetime_jax.toyworld.captions import background_phrase
+from spacetime_jax.toyworld.concepts import (HELD_OUT_CONCEPTS, render_concept_images,
+                                             write_concept_images)
+from spacetime_jax.toyworld.measure import measure_background_color, measure_object_color
+from spacetime_jax.toyworld.render import render
+from spacetime_jax.toyworld.scene import Background
+from spacetime_jax.visualize import save_grid
+
+REPO = Path(__file__).resolve().parents[1]
+SUPER_CATEGORIES = {"crescent": "circle", "arrow": "triangle", "bolt": "star",
+                    "polka_heart": "heart"}
+# Config overrides of each method (on top of configs/neti.py:tiny).
+METHODS = {"textual_inversion": {"mapper.kind": "textual_inversion"},
+           "neti_no_bypass": {"mapper.use_bypass": False},
+           "neti": {}}
+TRUNCATIONS = (8, 16, 32, 64, 128)
+NUM_PHOTOS = 5
+# Edit backgrounds: the first four of these that are none of the concept's colors.
+BACKGROUND_ORDER = ("green", "purple", "black", "white", "blue", "red", "orange", "yellow")
+NUM_BACKGROUNDS = 4
+SEED_OFFSET = 20_000  # away from the pretraining's and the other benchmarks' seeds
+PLAIN_TEMPLATE = "a photo of a {}"
+METRICS = ("clip_plain", "clip_edit", "shape_plain", "shape_edit", "color", "bg")
+
+
+# ---------------------------------------------------------------------------------------
+# What is asked of each concept.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """One concept's evaluation rows: templates with the concept's slot '{}', the background
+    each edit row asks for (None: plain), and each row's seed."""
+    templates: tuple[str, ...]
+    backgrounds: tuple[str | None, ...]
+    seeds: tuple[int, ...]
+
+    def filled(self, text: str) -> list[str]:
+        return format_prompts(self.templates, text)
+
+
+def edit_backgrounds(colors: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(c for c in BACKGROUND_ORDER if c not in colors)[:NUM_BACKGROUNDS]
+
+
+def evaluation_prompts(concept, seeds_per_prompt: int) -> Prompts:
+    """Plain rows first, then each edit background; every prompt with the same seeds."""
+    seeds = tuple(SEED_OFFSET + i for i in range(seeds_per_prompt))
+    templates, backgrounds = [], []
+    for color in (None,) + edit_backgrounds(concept.colors):
+        template = PLAIN_TEMPLATE if color is None else (
+            f"{PLAIN_TEMPLATE} on {background_phrase(Background('plain', color))}")
+        templates += [template] * seeds_per_prompt
+        backgrounds += [color] * seeds_per_prompt
+    return Prompts(tuple(templates), tuple(backgrounds), seeds * (1 + NUM_BACKGROUNDS))
+
+
+def in_world_words(concept, super_category: str) -> str:
+    """The concept as the world's captions could say it: main color, texture, the
+    super-category's shape ("red dotted heart"; captions never write a two-tone "and")."""
+    texture = [] if concept.texture == "plain" else [concept.texture]
+    return " ".join([concept.color] + texture + [super_category])
+
+
+def ceiling_renders(concept, prompts: Prompts, size: int) -> np.ndarray:
+    """The concept itself, rendered: new photos (seed 1, not the training ones) for the plain
+    rows, and new scenes of it on the prompted plain background for the edit rows."""
+    num_plain = sum(b is None for b in prompts.backgrounds)
+    images = render_concept_images(concept, num_plain, seed=1, size=size)
+    rng = np.random.default_rng([1, num_plain])
+    for color in prompts.backgrounds[num_plain:]:
+        scene = dataclasses.replace(concept.scene(rng), background=Background("plain", color))
+        images.append(render(scene, size)[0])
+    return np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------
+# Scores.
+
+
+class ClipEmbedder:
+    """Pooled image embeddings of the model's own CLIP vision tower, one compile per batch
+    shape."""
+
+    def __init__(self, model_dir: Path):
+        folder = model_dir / "image_encoder"
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder} is missing: the concept-fidelity score needs the "
+                            "model's CLIP image encoder (builtin:toyworld ships it)")
+        self.model, self.params = load_clip_vision(folder)
+        size = self.model.config.image_size
+        self._embed = jax.jit(lambda params, images: self.model.apply(
+            {"params": params}, clip_preprocess(images, size)).pooler_output)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self._embed(self.params, jnp.asarray(images)))
+
+
+@dataclasses.dataclass
+class Reference:
+    """What a concept's generated images are compared with: its photos' embeddings and
+    silhouettes, and its main color."""
+    embeddings: np.ndarray
+    silhouettes: list
+    color: str
+
+
+def score(images: np.ndarray, prompts: Prompts, reference: Reference,
+          embed: ClipEmbedder) -> dict[str, float]:
+    """The benchmark's measures (module docstring) of one concept's evaluation images."""
+    plain = np.array([b is None for b in prompts.backgrounds])
+    clip = fidelity.mean_cosine_similarity(embed(images), reference.embeddings)
+    shape = np.array([fidelity.shape_similarity(im, reference.silhouettes) for im in images])
+    color = np.array([measure_object_color(im) == reference.color for im in images])
+    bg = np.array([measure_background_color(im) == b
+                   for im, b in zip(images[~plain], np.asarray(prompts.backgrounds)[~plain])])
+    return {"clip_plain": float(clip[plain].mean()), "clip_edit": float(clip[~plain].mean()),
+            "shape_plain": float(shape[plain].mean()), "shape_edit": float(shape[~plain].mean()),
+            "color": float(color.mean()), "bg": float(bg.mean())}
+
+
+def mean_scores(per_concept: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {m: float(np.mean([s[m] for s in per_concept.values()])) for m in METRICS}
+
+
+# ---------------------------------------------------------------------------------------
+# Setup.
+
+
+def load_config(overrides: dict):
+    """configs/neti.py:tiny with `overrides` ({"dotted.key": value})."""
+    spec = importlib.util.spec_from_file_location("neti_config", REPO / "configs" / "neti.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = copy.deepcopy(module.get_config("tiny"))
+    config.unlock()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def parse_milestones(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        steps = []
+    if not steps or steps != sorted(set(steps)) or steps[0] < 1:
+        raise UserError(f"--steps {text!r}: give increasing positive step counts, such as "
+                        "100,250,500")
+    return steps
+
+
+def parse_super_categories(pairs: list[str]) -> dict[str, str]:
+    chosen = dict(SUPER_CATEGORIES)
+    for pair in pairs:
+        name, _, word = pair.partition("=")
+        if name not in HELD_OUT_CONCEPTS or not word:
+            raise UserError(f"--super-category {pair!r}: write CONCEPT=WORD with CONCEPT one of "
+                            f"{', '.join(HELD_OUT_CONCEPTS)}")
+        chosen[name] = word
+    return chosen
+
+
+def check_super_categories(tokenizer, names: list[str], words: dict[str, str]) -> None:
+    for name in names:
+        try:
+            single_token_id(tokenizer, words[name])
+        except UserError as err:
+            raise UserError(f"{err} (concept {name}): the model's tokenizer does not know it as "
+                            f"one word; pass --super-category {name}=WORD") from err
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures.
+
+
+def plot_tradeoff(path: Path, curve: list[tuple[str, float, float]],
+                  others: list[tuple[str, float, float]]) -> None:
+    """The fidelity-editability curve (labelled points joined in order) and other rows'
+    points; drawn with PIL (matplotlib is not a dependency)."""
+    width, height, margin, legend = 760, 480, 70, 120  # legend: room for labels on the right
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    ys = [y for _, _, y in curve + others]
+    spread = max(ys) - min(ys) or 0.01
+    # x is a fraction: its whole range, so that plots of different runs compare at a glance.
+    x_range, y_range = (-0.05, 1.05), (min(ys) - 0.1 * spread, max(ys) + 0.1 * spread)
+    px = lambda x: margin + (x - x_range[0]) / (x_range[1] - x_range[0]) * (
+        width - 2 * margin - legend)
+    py = lambda y: height - margin - (y - y_range[0]) / (y_range[1] - y_range[0]) * (
+        height - 2 * margin)
+    left, right, top, bottom = margin, width - margin - legend, margin, height - margin
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        x, y = i / 4, y_range[0] + i * (y_range[1] - y_range[0]) / 4
+        draw.line([px(x), bottom, px(x), bottom + 4], fill="black")
+        draw.text((px(x) - 12, bottom + 8), f"{x:.2f}", fill="black")
+        draw.line([left - 4, py(y), left, py(y)], fill="black")
+        draw.text((left - 40, py(y) - 5), f"{y:.3f}", fill="black")
+    draw.text((width // 2 - 150, height - 30),
+              "prompt fidelity: background color right (edit prompts)", fill="black")
+    draw.text((8, 20), "concept fidelity: CLIP image similarity to the photos (edit prompts)",
+              fill="black")
+    draw.text((width // 2 - 140, 4), "NeTI fidelity-editability over truncation",
+              fill="black")
+    points = [(px(x), py(y)) for _, x, y in curve]
+    draw.line(points, fill=(30, 70, 220), width=2)
+    for (label, _, _), (x, y) in zip(curve, points):
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(30, 70, 220))
+        draw.text((x - 8 - 6 * len(label), y - 6), label, fill=(30, 70, 220))
+    for label, x, y in others:
+        x, y = px(x), py(y)
+        draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=(220, 30, 30))
+        draw.text((x + 6, y + 2), label, fill=(220, 30, 30))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def sample_grid(path: Path, images: dict[str, np.ndarray], seeds_per_prompt: int) -> None:
+    """Per concept one row: the plain seeds, then the first seed of each edit background."""
+    rows, labels = [], []
+    for name, concept_images in images.items():
+        edits = [seeds_per_prompt * (1 + i) for i in range(NUM_BACKGROUNDS)]
+        rows.append(concept_images[list(range(seeds_per_prompt)) + edits])
+        labels.append(f"<{name}>: plain x{seeds_per_prompt}, then on "
+                      + ", ".join(edit_backgrounds(HELD_OUT_CONCEPTS[name].colors)))
+    save_grid(path, np.concatenate(rows), rows=len(rows), cols=len(rows[0]), row_labels=labels)
+
+
+def truncation_grid(path: Path, images: dict[int, dict[str, np.ndarray]],
+                    seeds_per_prompt: int) -> None:
+    """Per truncation one row (untruncated last): for each concept its first plain and first
+    edit image."""
+    order = sorted(t for t in images if t is not None) + [None]
+    tiles = [concept_images[[0, seeds_per_prompt]] for t in order
+             for concept_images in images[t].values()]
+    names = list(images[None])
+    save_grid(path, np.concatenate(tiles), rows=len(order), cols=2 * len(names),
+              row_labels=["no truncation" if t is None else f"truncation {t}" for t in order],
+              col_labels=[f"{n[:8]} {kind}" for n in names for kind in ("plain", "edit")])
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark.
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every method's run shares: the frozen model, the prepared text encoder (all
+    placeholders), the concepts' prompts and references, the scorer and sampler settings."""
+    sd: Any
+    text: Any
+    specs: list
+    prompts: dict
+    references: dict
+    embed: ClipEmbedder
+    mesh: Any
+    resolution: int
+    sample_kwargs: dict
+
+
+def make_row(method, steps, truncation, per_concept, seconds=None) -> dict:
+    return dict(method=method, steps=steps, truncation=truncation, seconds_per_concept=seconds,
+                per_concept=per_concept, mean=mean_scores(per_concept))
+
+
+def reference_rows(setup: Setup, words: dict[str, str]) -> list[dict]:
+    """No learning: the concept's own renders (ceiling), the super-category word, and the
+    concept in the world's words, on the same prompts and seeds."""
+    ceiling, super_word, in_words = {}, {}, {}
+    for spec in setup.specs:
+        name, concept = spec.name, HELD_OUT_CONCEPTS[spec.name]
+        p, reference = setup.prompts[name], setup.references[name]
+        ceiling[name] = score(ceiling_renders(concept, p, setup.resolution), p, reference,
+                              setup.embed)
+        for scores, phrase in ((super_word, words[name]),
+                               (in_words, in_world_words(concept, words[name]))):
+            images = text_to_image(setup.sd, p.filled(phrase), list(p.seeds),
+                                   **setup.sample_kwargs)
+            scores[name] = score(images, p, reference, setup.embed)
+    return [make_row("renders (ceiling)", None, None, ceiling),
+            make_row("super-category word", 0, None, super_word),
+            make_row("in words", 0, None, in_words)]
+
+
+def run_method(setup: Setup, method: str, model: str, milestones: list[int], workdir: Path,
+               log) -> tuple[list[dict], dict]:
+    """Trains every concept at once with `method` to each milestone and scores it there (NeTI
+    at the last milestone also per truncation). Returns the rows and, at the last milestone,
+    the images by truncation (None: untruncated) and concept."""
+    config = load_config({"model": model, "data.resolution": setup.resolution,
+                          **METHODS[method]})
+    session = build_session(config, setup.sd, setup.text, setup.specs, setup.mesh, workdir)
+    session.put()
+    state = sharding.shard_put(session.initial_state, session.state_shardings)
+    tic = time.perf_counter()
+    step = session.step_fn().lower(state, session.data, session.frozen,
+                                   session.schedule).compile()
+    log(f"{method}: step compiled in {time.perf_counter() - tic:.1f} s")
+    # One Concept samples every concept of the run: the mapper module is the same for all (the
+    # baseline's initializer is irrelevant once params exist), so the sampler compiles once
+    # per method; placeholder, norm and variables are passed per concept.
+    sampling = session.concepts[0]
+    width = session.mapper_config.hidden_width
+    rows, last_images, train_seconds, done = [], {}, 0.0, 0
+    for milestone in milestones:
+        tic = time.perf_counter()
+        for _ in range(done, milestone):
+            state, loss = step(state, session.data, session.frozen, session.schedule)
+        loss = np.asarray(loss)  # waits for the last step
+        train_seconds += time.perf_counter() - tic
+        done = milestone
+        last = milestone == milestones[-1]
+        # Truncation at hidden_width keeps every dimension: the untruncated row, not resampled.
+        truncations = [None] + ([t for t in TRUNCATIONS if t < width]
+                                if method == "neti" and last else [])
+        results = {t: {} for t in truncations}
+        tic = time.perf_counter()
+        for k, spec in enumerate(setup.specs):
+            variables = concept_variables(state.params, session.data.encoding, k)
+            p = setup.prompts[spec.name]
+            for truncation in truncations:
+                images = generate(setup.sd, setup.text, sampling, setup.text.placeholder_ids[k],
+                                  session.concepts[k].target_norm, p.filled(spec.placeholder),
+                                  list(p.seeds), variables=variables, truncation=truncation,
+                                  **setup.sample_kwargs)
+                results[truncation][spec.name] = score(images, p, setup.references[spec.name],
+                                                       setup.embed)
+                if last:
+                    last_images.setdefault(truncation, {})[spec.name] = images
+        seconds = train_seconds / len(setup.specs)
+        rows += [make_row(method, milestone, t, r, seconds) for t, r in results.items()]
+        if len(truncations) > 1 and width in TRUNCATIONS:
+            rows.append(make_row(method, milestone, width, results[None], seconds))
+        m = mean_scores(results[None])
+        log(f"{method} step {milestone}: loss {float(loss.mean()):.4f}, {seconds:.1f} s per "
+            f"concept; scored in {time.perf_counter() - tic:.1f} s: clip_edit "
+            f"{m['clip_edit']:.3f} shape_edit {m['shape_edit']:.3f} bg {m['bg']:.3f}")
+    return rows, last_images
+
+
+def print_report(rows: list[dict], names: list[str], milestones: list[int], args) -> None:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    table = [[r["method"], fmt(r["steps"], "d"), fmt(r["truncation"], "d")]
+             + [f"{r['mean'][m]:.3f}" for m in METRICS]
+             + [fmt(r["seconds_per_concept"], ".1f")] for r in rows]
+    print()
+    print(f"model {args.model}; {len(names)} held-out concepts ({', '.join(names)}); "
+          f"{(1 + NUM_BACKGROUNDS) * args.seeds_per_prompt} images per concept and row "
+          f"({args.seeds_per_prompt} seeds x 1 plain + {NUM_BACKGROUNDS} background prompts), "
+          f"{args.sample_steps} {args.sampler} steps, guidance {args.guidance}; means over "
+          "concepts")
+    print(format_table(["method", "steps", "trunc"] + list(METRICS) + ["s/concept"], table))
+    print()
+    print(f"per concept, clip_edit / shape_edit / color / bg at step {milestones[-1]}:")
+    shown = [r for r in rows if r["steps"] in (None, 0)
+             or (r["steps"] == milestones[-1] and r["truncation"] is None)]
+    print(format_table(["method"] + names,
+                       [[r["method"]] + ["/".join(f"{r['per_concept'][n][m]:.2f}" for m in
+                                                  ("clip_edit", "shape_edit", "color", "bg"))
+                                         for n in names] for r in shown]))
+
+
+def write_pictures(out: Path, rows: list[dict], images: dict, photos: dict,
+                   milestones: list[int], seeds_per_prompt: int) -> None:
+    """The fidelity-editability plot, the photos, and sample grids at the last milestone."""
+    last = milestones[-1]
+    curve = [(f"t={r['truncation']}", r["mean"]["bg"], r["mean"]["clip_edit"])
+             for r in rows if r["method"] == "neti" and r["truncation"] is not None]
+    others = [(r["method"], r["mean"]["bg"], r["mean"]["clip_edit"]) for r in rows
+              if r["steps"] == 0 or (r["steps"] == last and r["truncation"] is None
+                                     and r["method"] != "neti")]
+    if curve:
+        plot_tradeoff(out / "fidelity_editability.png", curve, others)
+    save_grid(out / "photos.png", np.concatenate(list(photos.values())), rows=len(photos),
+              cols=NUM_PHOTOS, row_labels=[f"<{n}> training photos" for n in photos])
+    for method, by_truncation in images.items():
+        sample_grid(out / f"samples_{method}_step{last}.png", by_truncation[None],
+                    seeds_per_prompt)
+        if len(by_truncation) > 1:
+            truncation_grid(out / f"samples_{method}_step{last}_truncations.png",
+                            by_truncation, seeds_per_prompt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:toyworld")
+    parser.add_argument("--steps", default="100,250,500",
+                        help="milestones (training steps) at which every method is scored")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--concepts", default=",".join(HELD_OUT_CONCEPTS))
+    parser.add_argument("--super-category", action="append", default=[],
+                        metavar="CONCEPT=WORD", help="override a concept's initializer word")
+    parser.add_argument("--seeds-per-prompt", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--out", default="runs/neti_quality")
+    args = parser.parse_args()
+
+    milestones = parse_milestones(args.steps)
+    methods = [m for m in args.methods.split(",") if m]
+    names = [n for n in args.concepts.split(",") if n]
+    for method in methods:
+        if method not in METHODS:
+            raise UserError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
+    for name in names:
+        if name not in HELD_OUT_CONCEPTS:
+            raise UserError(f"--concepts: unknown concept {name!r}; known: "
+                            f"{', '.join(HELD_OUT_CONCEPTS)}")
+    if args.seeds_per_prompt < 1:
+        raise UserError("--seeds-per-prompt must be at least 1")
+    words = parse_super_categories(args.super_category)
+    out = Path(args.out)
+    start = time.perf_counter()
+    log = lambda message: print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+    model_dir = Path(resolve_builtin(args.model))
+    sd = load_stable_diffusion(model_dir)
+    check_super_categories(sd.tokenizer, names, words)
+    embed = ClipEmbedder(model_dir)
+    resolution = sd.unet.config.sample_size * sd.vae_config.downsample_factor
+    specs = [ConceptSpec(name, str(out / "photos" / name), f"<{name}>", words[name])
+             for name in names]
+    prompts, references, photos = {}, {}, {}
+    for name in names:
+        concept = HELD_OUT_CONCEPTS[name]
+        write_concept_images(concept, out / "photos" / name, NUM_PHOTOS, seed=0, size=resolution)
+        photos[name] = np.stack(render_concept_images(concept, NUM_PHOTOS, seed=0,
+                                                      size=resolution))
+        references[name] = Reference(embed(photos[name]),
+                                     fidelity.reference_silhouettes(photos[name]), concept.color)
+        prompts[name] = evaluation_prompts(concept, args.seeds_per_prompt)
+    text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
+                                [s.placeholder for s in specs], [s.super_category for s in specs])
+    setup = Setup(sd=sd, text=text, specs=specs, prompts=prompts, references=references,
+                  embed=embed, mesh=make_mesh({"concept": 1, "data": 1, "model": 1},
+                                              jax.devices()[:1]),
+                  resolution=resolution,
+                  sample_kwargs=dict(num_steps=args.sample_steps, guidance_scale=args.guidance,
+                                     method=args.sampler))
+    log(f"model {args.model} ({resolution} px); concepts "
+        + ", ".join(f"{s.placeholder} from {s.super_category!r}" for s in specs))
+
+    rows = reference_rows(setup, words)
+    log("references scored")
+    images = {}
+    # Latent caches in a fresh folder: a cache is keyed on the model's path, not its weights.
+    with tempfile.TemporaryDirectory() as work:
+        for method in methods:
+            method_rows, images[method] = run_method(setup, method, args.model, milestones,
+                                                     Path(work) / method, log)
+            rows += method_rows
+
+    print_report(rows, names, milestones, args)
+    write_pictures(out, rows, images, photos, milestones, args.seeds_per_prompt)
+    (out / "results.json").write_text(json.dumps(dict(
+        model=args.model, milestones=milestones, concepts=names,
+        super_categories={n: words[n] for n in names}, seeds_per_prompt=args.seeds_per_prompt,
+        sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
+        prompts={n: dataclasses.asdict(p) for n, p in prompts.items()}, rows=rows),
+        indent=1) + "\n")
+    log(f"done; plot, sample grids and results.json in {out}")
+
+
+if __name__ == "__main__":
+    main()
