@@ -330,6 +330,11 @@ def test_cache_is_reused_and_recomputed_when_inputs_change(tiny_vae, concept_ima
     concept_latent_cache(tmp_path, vae, params, changed, "another/model")
     assert calls == [6, 6, 6]
 
+    # The same model id with other weights (a folder retrained in place) is recomputed.
+    retrained = jax.tree.map(lambda x: x * 1.01, params)
+    concept_latent_cache(tmp_path, vae, retrained, changed, "another/model")
+    assert calls == [6, 6, 6, 6]
+
 
 def test_corrupt_cache_file_is_recomputed(tiny_vae, concept_images, tmp_path, monkeypatch):
     vae, params, _ = tiny_vae

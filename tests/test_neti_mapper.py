@@ -295,3 +295,19 @@ def test_build_mapper_checks_its_arguments():
         build_mapper("textual_inversion", CONFIG)
     with pytest.raises(UserError, match="unknown mapper kind"):
         build_mapper("lora", CONFIG)
+
+
+def test_concepts_of_one_kind_and_shape_share_one_sampling_mapper():
+    from spacetime_jax.neti.concept import Concept
+
+    def concept(kind, placeholder, config=CONFIG):
+        return Concept(kind=kind, mapper_config=config, variables=None,
+                       placeholder=placeholder, super_category="cat", target_norm=1.0,
+                       base_model="m")
+
+    # One module object, so a jitted sampler keyed on it compiles once for all of them.
+    assert concept("textual_inversion", "<a>").mapper is concept("textual_inversion", "<b>").mapper
+    assert concept("neti", "<a>").mapper is concept("neti", "<b>").mapper
+    assert concept("neti", "<a>").mapper is not concept("textual_inversion", "<a>").mapper
+    other = dataclasses.replace(CONFIG, hidden_width=64)
+    assert concept("neti", "<a>", other).mapper is not concept("neti", "<a>").mapper

@@ -73,9 +73,13 @@ def encode_moments(vae: vae_lib.AutoencoderKL, vae_params: Any, images: np.ndarr
     return np.concatenate(means), np.concatenate(logvars)
 
 
-def moments_fingerprint(images: np.ndarray, model_id: str, vae: vae_lib.AutoencoderKL) -> str:
-    """sha256 over everything the moments depend on: pixels, size, model, VAE config, dtype."""
+def moments_fingerprint(images: np.ndarray, model_id: str, vae: vae_lib.AutoencoderKL,
+                        vae_params: Any) -> str:
+    """sha256 over everything the moments depend on: pixels, size, model, VAE config, dtype
+    and the VAE's weights (a model folder retrained in place keeps its id)."""
     digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(vae_params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
     digest.update(_CACHE_FORMAT.encode())
     digest.update(json.dumps({
         "shape": list(images.shape),
@@ -118,10 +122,10 @@ def concept_latent_cache(workdir: str | os.PathLike, vae: vae_lib.AutoencoderKL,
     """Moments of every image and of its horizontal flip: 2N rows, originals then flips.
 
     Read from `workdir/latent_moments.npz` when it was computed from the same pixels, model
-    id, VAE config and compute dtype; computed and written otherwise.
+    id, VAE config, weights and compute dtype; computed and written otherwise.
     """
     path = Path(workdir) / CACHE_NAME
-    fingerprint = moments_fingerprint(images, model_id, vae)
+    fingerprint = moments_fingerprint(images, model_id, vae, vae_params)
     cached = _read_cache(path, fingerprint)
     if cached is not None:
         return cached

@@ -41,12 +41,19 @@ class Concept:
     learnable_property: str = "object"
     train_config: Optional[dict] = None
 
-    @functools.cached_property
+    @property
     def mapper(self):
-        """The module (one instance, so jitted samplers keyed on it compile once)."""
-        # The baseline's initializer is irrelevant once its params exist.
-        init = np.zeros(self.mapper_config.token_dim, np.float32)
-        return build_mapper(self.kind, self.mapper_config, init_embedding=init)
+        """The module, one per (kind, config) for all concepts: jitted samplers are keyed on
+        it, so concepts of the same kind and shape share one compile."""
+        return sampling_mapper(self.kind, self.mapper_config)
+
+
+@functools.lru_cache(maxsize=None)
+def sampling_mapper(kind: str, mapper_config: MapperConfig):
+    """A mapper module for applying existing params. The baseline's initializer is irrelevant
+    once its params exist; a fresh closure per concept would give each its own jit key."""
+    init = np.zeros(mapper_config.token_dim, np.float32)
+    return build_mapper(kind, mapper_config, init_embedding=init)
 
 
 @dataclasses.dataclass
