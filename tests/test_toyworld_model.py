@@ -120,3 +120,21 @@ def test_bundled_concept_photos_are_the_worlds_renders():
     expected = render_concept_images(get_concept("crescent"), 5, seed=0)
     for path, image in zip(paths, expected):
         np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), image)
+
+
+def test_ship_tool_copies_a_finished_run_and_writes_a_hash_list_that_verifies(model_dir,
+                                                                             tmp_path):
+    from spacetime_jax.tools.ship_toyworld import ship
+
+    workdir = tmp_path / "run"
+    shutil.copytree(model_dir, workdir / "model", ignore=shutil.ignore_patterns("pretrain_grid.png"))
+    shutil.copy(model_dir / "pretrain_grid.png", workdir / "grid.png")
+    dest, hash_list = tmp_path / "assets" / "toyworld", tmp_path / "assets" / "toyworld.sha256"
+    entries = ship(workdir, dest, hash_list)
+    builtin.verify_folder(dest, hash_list)
+    # The same files as the shipped model, byte for byte.
+    assert entries == builtin.read_hash_list(builtin.TOYWORLD_HASHES)
+
+    (workdir / "model" / "pretrain_summary.json").unlink()
+    with pytest.raises(SystemExit, match="has not finished"):
+        ship(workdir, dest, hash_list)
