@@ -312,9 +312,13 @@ def concept_state_shardings(state: TrainState, mesh) -> TrainState:
 
 def run(config, workdir: str) -> None:
     workdir = Path(workdir)
-    # --- Devices and mesh.
+    # --- Devices and mesh. Every process of a multi-process run runs all of this and each
+    # step; process 0 alone prints and writes metrics, validation grids and the concepts
+    # (checkpoints are orbax's, which coordinates the processes itself).
     maybe_initialize_distributed(config.distributed)
     mesh = make_mesh(dict(config.mesh))
+    lead = jax.process_index() == 0
+    log = print if lead else lambda *args, **kwargs: None
     config_dict = config.to_dict()
 
     # --- The frozen model and the concepts (everything validated before any compute).
@@ -323,7 +327,7 @@ def run(config, workdir: str) -> None:
     check_images(specs, config.data.resolution)
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     sd = load_stable_diffusion(resolve_builtin(config.model), compute_dtype(config.compute_dtype))
-    print(model_summary(sd), flush=True)
+    log(model_summary(sd), flush=True)
     check_tokens(specs, sd.tokenizer)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
@@ -337,8 +341,9 @@ def run(config, workdir: str) -> None:
     if start:
         restored, _, _ = checkpointer.restore(start, abstract_state=session.abstract_checkpoint())
         state = session.step_state(restored)
-        truncate_metrics(workdir, start)
-        print(f"resumed from step {start} in {workdir}", flush=True)
+        if lead:
+            truncate_metrics(workdir, start)
+        log(f"resumed from step {start} in {workdir}", flush=True)
     else:
         state = sharding.shard_put(session.initial_state, session.state_shardings)
     session.put()
@@ -348,10 +353,10 @@ def run(config, workdir: str) -> None:
     compiled = session.step_fn().lower(state, session.data, session.frozen,
                                        session.schedule).compile()
     padding = session.padded_count - K
-    print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
-          f"{session.learning_rate:g}; {K} concept(s)"
-          f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}",
-          flush=True)
+    log(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
+        f"{session.learning_rate:g}; {K} concept(s)"
+        f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}",
+        flush=True)
 
     # --- The loop; SIGTERM ends it at a step boundary with a checkpoint.
     metadata = {"concepts": [dataclasses.asdict(s) for s in specs]}
@@ -373,23 +378,25 @@ def run(config, workdir: str) -> None:
                     checkpointer.save(step, session.checkpoint_state(state), config_dict,
                                       metadata)
                     last_saved = step
-                if config.validation.every and (step % config.validation.every == 0
-                                                or step == t.steps):
+                if lead and config.validation.every and (step % config.validation.every == 0
+                                                         or step == t.steps):
                     write_validation_grids(workdir / "validation" / f"step_{step:06d}", sd,
                                            text, session.concepts, [s.name for s in specs],
                                            state.params, session.data.encoding,
                                            config.validation)
                 if stopping:
                     checkpointer.wait()
-                    print(f"stopped by {stop.name} after step {step}: checkpoint {step} is "
-                          f"saved in {workdir}/checkpoints; run the same command to resume",
-                          flush=True)
+                    log(f"stopped by {stop.name} after step {step}: checkpoint {step} is "
+                        f"saved in {workdir}/checkpoints; run the same command to resume",
+                        flush=True)
                     raise SystemExit(PREEMPTED_STATUS)
     finally:
         progress.close()
         checkpointer.close()
 
     # --- Artifacts: one standalone concept per spec.
+    if not lead:
+        return
     for index, (spec, concept) in enumerate(zip(specs, session.concepts)):
         concept.variables = concept_variables(state.params, session.data.encoding, index)
         folder = save_concept(workdir / "concepts" / spec.name if is_batch(config)

@@ -90,6 +90,9 @@ def maybe_initialize_distributed(settings: Mapping[str, Any] | None = None) -> b
         return False
     num_processes = settings.get("num_processes", 0) or None
     process_id = settings.get("process_id", -1)
+    # CPU processes need a collectives backend to talk to each other (accelerators bring
+    # their own and ignore this setting): multi-process CPU runs, local tests included.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=None if address in ("", "auto") else address,
         num_processes=num_processes,

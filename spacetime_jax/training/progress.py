@@ -9,7 +9,8 @@ A line shows the step, each metric averaged over the steps since the previous li
 speed over those steps and the time left at that speed. Metrics are fetched from the device
 only when a line is written, so calling `update` every step does not stall the step's
 asynchronous dispatch. With a workdir and tensorboardX installed, the same scalars also go to
-workdir/tensorboard (`tensorboard --logdir WORKDIR`).
+workdir/tensorboard (`tensorboard --logdir WORKDIR`). In a multi-process run every process
+calls `update` and only process 0 prints and writes: one line per step for the run, one file.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
@@ -70,7 +72,9 @@ class Progress:
         self._start_step = start_step
         self._pending: dict[str, list] = {}
         self._tensorboard = None
-        if self.metrics_path is not None:
+        # Every process of a multi-process run steps through here; process 0 speaks for all.
+        self._writes = jax.process_index() == 0
+        if self.metrics_path is not None and self._writes:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             self._tensorboard = tensorboard_writer(self.metrics_path.parent)
 
@@ -99,6 +103,8 @@ class Progress:
         record["elapsed_s"] = now - self.start_time
         self._pending = {}
         self._window = (step, now)
+        if not self._writes:
+            return record
 
         shown = " ".join(f"{name} {value:.4g}" for name, value in record.items()
                          if name not in ("step", "steps_per_s", "elapsed_s"))
