@@ -13,6 +13,7 @@ from spacetime_jax.models.clip_text import CLIPTextTransformer
 from spacetime_jax.models.clip_vision import CLIPVisionTransformer, clip_preprocess
 from spacetime_jax.models.tokenizer import load_tokenizer, tokenize
 from spacetime_jax.toyworld import pretrain_clip
+from spacetime_jax.training.batches import minibatch_indices
 
 STEPS = 30
 
@@ -81,13 +82,13 @@ def test_world_caption_is_bos_words_eos(world_tokenizer):
 
 
 def test_minibatches_cover_each_epoch_once_and_are_seeded():
-    batches = pretrain_clip.minibatch_indices(10, 3, seed=7)
+    batches = minibatch_indices(10, 3, seed=7)
     epoch = [next(batches) for _ in range(3)]  # 9 of 10, the ragged end dropped
     assert len(np.unique(np.concatenate(epoch))) == 9
-    again = pretrain_clip.minibatch_indices(10, 3, seed=7)
+    again = minibatch_indices(10, 3, seed=7)
     np.testing.assert_array_equal(next(again), epoch[0])
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        next(pretrain_clip.minibatch_indices(2, 3, seed=0))
+        next(minibatch_indices(2, 3, seed=0))
 
 
 def test_too_few_examples_are_refused_before_any_work(tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from spacetime_jax.models.tokenizer import (MAX_LENGTH, TokenizerInfo,
                                             tokenize)
 from spacetime_jax.toyworld.captions import world_vocabulary
 from spacetime_jax.toyworld.scene import COLORS
+from spacetime_jax.training.batches import minibatch_indices
 
 # NeTI's validation prompts: prompts written for this world should tokenize to whole words.
 NETI_VALIDATION_PROMPTS = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
@@ -175,17 +176,6 @@ def caption_ids(tokenizer_dir: Path, captions: Sequence[str]) -> np.ndarray:
 def held_out_count(n: int) -> int:
     """Examples kept for evaluation: about a tenth, whole batches of 64, at most 1024."""
     return min(MAX_HELD_OUT, EVAL_BATCH * max(1, n // 10 // EVAL_BATCH))
-
-
-def minibatch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless minibatches: each epoch a fresh seeded permutation, the ragged end dropped."""
-    if n < batch_size:
-        raise ValueError(f"{n} training examples are fewer than batch_size={batch_size}")
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from spacetime_jax.diffusion.schedules import (DDPMSchedule, SchedulerConfig, ad
 from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spacetime_jax.models.vae import sample_latents
-from spacetime_jax.toyworld.pretrain_vae import minibatches
+from spacetime_jax.training.batches import minibatch_indices
 from spacetime_jax.training.progress import Progress
 
 MAX_HELD_OUT = 256  # examples kept out of training (at most an eighth): a fixed noise loss
@@ -202,7 +202,7 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
     key = jax.random.key(config.seed)
     empty_context = jnp.asarray(data.empty_context)
     scaling = jnp.float32(scaling_factor)
-    batches = minibatches(len(train_data.latent_means), config.batch_size, config.seed)
+    batches = minibatch_indices(len(train_data.latent_means), config.batch_size, config.seed)
     progress = Progress(config.steps, max(1, config.steps // LOG_LINES), workdir,
                         log=lambda line: log(f"unet: {line}"))
     start = time.perf_counter()

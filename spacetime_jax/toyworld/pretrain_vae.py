@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import optax
 from spacetime_jax.data.latents import encode_moments
 from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
+from spacetime_jax.training.batches import minibatch_indices
 from spacetime_jax.training.progress import Progress
 
 MAX_HELD_OUT = 64  # images kept out of training (at most an eighth) to score reconstruction
@@ -117,17 +118,6 @@ def make_train_step(model: AutoencoderKL, optimizer: optax.GradientTransformatio
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def minibatches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless minibatch indices: a fresh seeded permutation each epoch, ragged end dropped."""
-    if n < batch_size:
-        raise ValueError(f"{n} training images are fewer than batch_size={batch_size}")
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
-
-
 def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int) -> float:
     """Std of posterior draws over `images` (all latent elements pooled)."""
     means, logvars = encode_moments(model, params, images, batch_size=256)
@@ -160,7 +150,7 @@ def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: st
 
     # --- loop
     key = jax.random.key(config.seed)
-    batches = minibatches(len(train_images), config.batch_size, config.seed)
+    batches = minibatch_indices(len(train_images), config.batch_size, config.seed)
     progress = Progress(config.steps, max(1, config.steps // LOG_LINES), workdir,
                         log=lambda line: log(f"vae: {line}"))
     start = time.perf_counter()
