@@ -20,10 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this run's outputs a
 
 def _jobs():
     # Imported lazily: each job pulls in its own method's modules.
+    from spacetime_jax.elite import personalize as elite_personalize
+    from spacetime_jax.elite import train as elite_train
     from spacetime_jax.neti import train as neti_train
     from spacetime_jax.pipelines import sample_job
     from spacetime_jax.toyworld import pretrain as toyworld_pretrain
-    return {"sample": sample_job.run, "neti": neti_train.run,
+    return {"sample": sample_job.run, "neti": neti_train.run, "elite": elite_train.run,
+            "elite_personalize": elite_personalize.run,
             "toyworld_pretrain": toyworld_pretrain.run}
 
 

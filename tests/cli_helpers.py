@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The run's one 'error:' line; no traceback around it."""
@@ -16,3 +18,46 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def complete_steps(workdir: Path) -> list[int]:
     """Checkpoint steps on disk that orbax finished (an unfinished save is a *-tmp folder)."""
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# A run as `python -c KILL_AFTER_LOGGING.format(...) ARGS`: the job, killed by SIGKILL once
+# step `step` is logged and checkpoint `saved` is complete on disk.
+KILL_AFTER_LOGGING = """
+import os, signal, time
+from pathlib import Path
+from spacetime_jax.training import progress
+log_step = progress.Progress.update
+def update(self, step, **metrics):
+    record = log_step(self, step, **metrics)
+    if step == {step}:  # logged; let the previous checkpoint's async write finish, then die
+        deadline = time.monotonic() + 120
+        while not (Path({workdir!r}) / "checkpoints" / "{saved}").is_dir():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+progress.Progress.update = update
+from absl import app
+from spacetime_jax import main
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def saved_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    """Checkpoint `step`'s state, read onto this process's one device: path -> array."""
+    import jax
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                               item_handlers={"state": ocp.StandardCheckpointHandler()}
+                               ) as manager:
+        metadata = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                sharding=device), metadata)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(restored["state"])
+    # Restored as dicts: "['params']['x']" -> the TrainState path ".params['x']".
+    return {"." + jax.tree_util.keystr(path)[2:].replace("']", "", 1): np.asarray(leaf)
+            for path, leaf in leaves}

@@ -48,7 +48,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs.neti_batch import get_config as get_batch_config
-from tests.cli_helpers import complete_steps, error_line
+from tests.cli_helpers import KILL_AFTER_LOGGING, complete_steps, error_line, saved_state
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -71,25 +71,6 @@ BATCH_COMPILED_MARK = "batch step compiled"  # the child prints it once that ste
 COMPILED_MARK = "step compiled"  # train.py prints it once the step is compiled
 MODEL_LOADED_MARK = "cross-attention layers"  # the model summary, printed once it is loaded
 SIDE_NICE = 10
-KILL_AFTER_LOGGING = """
-import os, signal, time
-from pathlib import Path
-from spacetime_jax.training import progress
-log_step = progress.Progress.update
-def update(self, step, **metrics):
-    record = log_step(self, step, **metrics)
-    if step == {step}:  # logged; let the previous checkpoint's async write finish, then die
-        deadline = time.monotonic() + 120
-        while not (Path({workdir!r}) / "checkpoints" / "{saved}").is_dir():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return record
-progress.Progress.update = update
-from absl import app
-from spacetime_jax import main
-app.run(main.main, flags_parser=main.parse_flags)
-"""
 
 
 def batch_config(**overrides):
@@ -307,26 +288,6 @@ def cli_args(workdir: Path, concepts: Path, overrides: Optional[dict] = None) ->
     config = {"data.concepts": concepts, **CLI_RUN, **(overrides or {})}
     return ["--config=configs/neti_batch.py:tiny", f"--workdir={workdir}",
             *(f"--config.{key}={value}" for key, value in config.items())]
-
-
-def saved_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """Checkpoint `step`'s state, read onto this process's one device: path -> array."""
-    import jax
-    import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_handlers={"state": ocp.StandardCheckpointHandler()}
-                               ) as manager:
-        metadata = manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                                sharding=device), metadata)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(restored["state"])
-    # Restored as dicts: "['params']['x']" -> the TrainState path ".params['x']".
-    return {"." + jax.tree_util.keystr(path)[2:].replace("']", "", 1): np.asarray(leaf)
-            for path, leaf in leaves}
 
 
 def logged_steps(workdir: Path) -> list[int]:

@@ -37,6 +37,16 @@ MODEL_SHARDED_UNET: Rules = [
 ]
 
 
+# ELITE's trainable state (mapper MLPs and the U-Net's K/V copies or local projections):
+# replicated on a mesh without `model`; over `model` their output features. Its batches are
+# (micro-batches, B, ...) with B over `data`.
+ELITE_TRAINABLE: Rules = [
+    (r"(^|/)(to_k|to_v|to_k_local|to_v_local)/kernel$", P(None, "model")),
+    (r"(^|/)mapping\w*/.*kernel$", P(None, "model")),
+]
+ELITE_BATCH: Rules = [(r".*", P(None, "data"))]
+
+
 def leaf_path(key_path: tuple) -> str:
     return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
