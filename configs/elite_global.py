@@ -68,6 +68,7 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.remat_policy = "none"  # none | full | dots | dots_saveable (training/remat.py)
 
     c.evaluation = ml_collections.ConfigDict()
     c.evaluation.num_examples = 16  # a fixed held-out batch (validation split), fixed draws

@@ -74,6 +74,10 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    # Activation checkpointing of the frozen U-Net's ResNet and transformer blocks, for
+    # batches or resolutions that do not fit: none | full | dots | dots_saveable
+    # (spacetime_jax/training/remat.py). The results are the same; the memory is not.
+    c.train.remat_policy = "none"
 
     c.validation = ml_collections.ConfigDict()
     c.validation.every = 250  # 0: never

@@ -40,9 +40,11 @@ from spacetime_jax.parallel.mesh import make_mesh, maybe_initialize_distributed
 from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
 from spacetime_jax.training.preemption import StopSignal
 from spacetime_jax.training.progress import METRICS_FILE, Progress
+from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "validation", "data.prefetch",
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation",
+                  "data.prefetch",
                   "data.prefetch_workers")
 PREEMPTED_STATUS = 128 + signal.SIGTERM
 TOYWORLD_OBJECTS = "builtin:toyworld_objects"
@@ -246,8 +248,10 @@ def build_session(config, model: EliteModel, mesh) -> Session:
         params=sharding.tree_shardings(state.params, mesh, trainable_rules),
         opt_state=sharding.tree_shardings(state.opt_state, mesh, trainable_rules))
     batch_sharding = NamedSharding(mesh, P(None, "data"))
+    # Remat trades recompute for activation memory in the backward pass (same results).
+    unet = sd.unet.clone(remat_policy=check_remat_policy(t.remat_policy, "train.remat_policy"))
     statics = StepStatics(
-        stage=config.stage, unet=sd.unet, text_encoder=model.text.text_encoder,
+        stage=config.stage, unet=unet, text_encoder=model.text.text_encoder,
         vision=model.vision, vae=sd.vae, global_mapper=model.global_mapper,
         local_mapper=model.local_mapper if local else None,
         feature_layers=tuple(model.encoder_config.feature_layers), patch_grid=model.patch_grid,
@@ -335,6 +339,7 @@ def run(config, workdir: str) -> None:
     # --- The dataset and the workdir first: a typo there must not wait for the model.
     if config.stage not in STAGES:
         raise UserError(f"stage={config.stage!r} is unknown; use one of {STAGES}")
+    check_remat_policy(t.remat_policy, "train.remat_policy")
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     if config.stage == "local":
         global_encoder_folder(config.global_checkpoint)

@@ -17,6 +17,7 @@ from spacetime_jax.models.attention import Attention, Context, CrossAttention
 from spacetime_jax.models.config_utils import UnsupportedArchitectureError, check_supported
 from spacetime_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding,
                                          Upsample2D, conv, group_norm, timestep_embedding)
+from spacetime_jax.training.remat import remat_module
 
 Dtype = Any
 
@@ -218,6 +219,14 @@ class _BlockSettings:
     use_linear_projection: bool
     upcast: bool
     local_branch: bool
+    remat_policy: str = "none"
+
+    def resnet(self) -> type[nn.Module]:
+        return remat_module(ResnetBlock2D, self.remat_policy)
+
+    def transformer(self) -> type[nn.Module]:
+        # Argument 3 (self is 0) is `return_probs`, a Python flag.
+        return remat_module(Transformer2DModel, self.remat_policy, static_argnums=(3,))
 
 
 class _Block(nn.Module):
@@ -242,13 +251,13 @@ class _Block(nn.Module):
         for j in range(self.num_layers):
             if self.kind == "up":
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock2D(self.out_channels, s.groups, s.eps, self.dtype,
-                              name=f"resnets_{j}")(x, temb)
+            x = s.resnet()(self.out_channels, s.groups, s.eps, self.dtype,
+                           name=f"resnets_{j}")(x, temb)
             if self.has_attention:
-                x, p = Transformer2DModel(self.out_channels, self.heads, self.first_layer + j,
-                                          s.use_linear_projection, s.groups, s.upcast,
-                                          s.local_branch, self.dtype,
-                                          name=f"attentions_{j}")(x, context, return_probs)
+                x, p = s.transformer()(self.out_channels, self.heads, self.first_layer + j,
+                                       s.use_linear_projection, s.groups, s.upcast,
+                                       s.local_branch, self.dtype,
+                                       name=f"attentions_{j}")(x, context, return_probs)
                 probs.append(p)
             outputs.append(x)
         if self.resample and self.kind == "down":
@@ -269,11 +278,11 @@ class _MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context, return_probs):
         s = self.settings
-        x = ResnetBlock2D(self.channels, s.groups, s.eps, self.dtype, name="resnets_0")(x, temb)
-        x, p = Transformer2DModel(self.channels, self.heads, self.layer, s.use_linear_projection,
-                                  s.groups, s.upcast, s.local_branch, self.dtype,
-                                  name="attentions_0")(x, context, return_probs)
-        x = ResnetBlock2D(self.channels, s.groups, s.eps, self.dtype, name="resnets_1")(x, temb)
+        x = s.resnet()(self.channels, s.groups, s.eps, self.dtype, name="resnets_0")(x, temb)
+        x, p = s.transformer()(self.channels, self.heads, self.layer, s.use_linear_projection,
+                               s.groups, s.upcast, s.local_branch, self.dtype,
+                               name="attentions_0")(x, context, return_probs)
+        x = s.resnet()(self.channels, s.groups, s.eps, self.dtype, name="resnets_1")(x, temb)
         return x, p
 
 
@@ -282,10 +291,15 @@ class UNet2DConditionModel(nn.Module):
 
     `return_attention_probs=True` also returns a tuple of the cross-attention probabilities
     (B, heads, queries, tokens) of every layer, in layer order.
+
+    `remat_policy` (spacetime_jax/training/remat.py: "none", "full", "dots",
+    "dots_saveable") rematerializes every ResNet and transformer block in the backward pass;
+    it changes neither the param tree nor the outputs.
     """
     config: UNetConfig
     local_branch: bool = False
     dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, latents: jax.Array, timesteps: jax.Array, context: Context,
@@ -294,7 +308,7 @@ class UNet2DConditionModel(nn.Module):
         channels = cfg.block_out_channels
         heads = cfg.heads_per_block
         settings = _BlockSettings(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection,
-                                  cfg.upcast_attention, self.local_branch)
+                                  cfg.upcast_attention, self.local_branch, self.remat_policy)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (latents.shape[0],))
         temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(channels[0] * 4, dtype=self.dtype, name="time_embedding")(

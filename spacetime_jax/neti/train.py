@@ -49,11 +49,12 @@ from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
 from spacetime_jax.training.preemption import StopSignal
 from spacetime_jax.training.progress import METRICS_FILE, Progress
+from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 # Keys a resumed run may change without a new workdir.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "validation")
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation")
 # A run stopped by SIGTERM exits with the status a shell reports for a SIGTERM death: a
 # supervisor (Kubernetes, a retry loop) sees an unfinished job and starts it again, which
 # resumes; 0 would read as finished.
@@ -277,7 +278,10 @@ def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
     frozen_shardings = (sharding.tree_shardings(sd.unet_params, mesh, unet_rules),
                         sharding.tree_shardings(text.text_params, mesh, sharding.REPLICATED))
 
-    statics = StepStatics(unet=sd.unet, text_encoder=text.text_encoder, mapper=mappers[0],
+    # Remat trades recompute for activation memory in the backward pass; the loaded U-Net
+    # (its dtype, its params) is otherwise the one the step runs.
+    unet = sd.unet.clone(remat_policy=check_remat_policy(t.remat_policy, "train.remat_policy"))
+    statics = StepStatics(unet=unet, text_encoder=text.text_encoder, mapper=mappers[0],
                           mapper_config=mapper_config,
                           prediction_type=sd.scheduler_config.prediction_type,
                           scaling_factor=sd.vae_config.scaling_factor,
@@ -323,6 +327,7 @@ def run(config, workdir: str) -> None:
 
     # --- The frozen model and the concepts (everything validated before any compute).
     specs = concept_specs(config)
+    check_remat_policy(config.train.remat_policy, "train.remat_policy")
     # Images and the workdir first: a typo there must not wait for the model to load.
     check_images(specs, config.data.resolution)
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
