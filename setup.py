@@ -23,6 +23,12 @@ setup(
         "huggingface_hub",
         "transformers>=5",
         "tqdm",
+        "scipy",
+        # ELITE's dataset: the builder and array_record reading need no TensorFlow.
+        "tensorflow-datasets>=4.9",
+        "array_record",
+        "importlib_resources",
+        "etils[epath]",
     ],
     extras_require={
         # PyTorch references for the parity tests and the side-by-side benchmarks.

@@ -44,8 +44,7 @@ from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation",
-                  "data.prefetch",
-                  "data.prefetch_workers")
+                  "data.prefetch", "data.prefetch_workers")
 PREEMPTED_STATUS = 128 + signal.SIGTERM
 TOYWORLD_OBJECTS = "builtin:toyworld_objects"
 # The toy-world object set written on first use: enough objects that a few hundred steps of
