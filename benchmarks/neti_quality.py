@@ -1,7 +1,7 @@
 """NeTI quality on the toy world's held-out concepts: concept fidelity and prompt fidelity.
 
   nice -n 10 python benchmarks/neti_quality.py [--model builtin:toyworld] [--steps 100,250,500]
-      [--out runs/neti_quality]
+      [--out runs/neti_quality] [--elite-global DIR] [--elite-local DIR] [--methods ...]
 
 The four held-out concepts of toyworld/concepts.py (a crescent, a blue-and-white striped arrow,
 an orange bolt: shapes pretraining never drew; a red heart with white dots: a combination it
@@ -41,6 +41,24 @@ concepts:
   bg        prompt fidelity (edit images only): the measured background color is the
             prompted one. Chance is 1/8.
 
+ELITE rows (for each encoder folder given; ELITE is a one-image method and trains nothing per
+concept): the concept's photo 0 and its object mask (the render's) go through the encoder once;
+the words (and local tokens) condition every prompt, with the ELITE placeholder in place of
+<name> and the same seeds, sampler and measures:
+
+  elite_global       --elite-global DIR: the global words, word 0 injected (token_index 0, as
+                     the reference's scripts)
+  elite_global_all   the same encoder, all five words injected (its inference script's
+                     default; stage 1 trains with all five)
+  elite_local_l0.6   --elite-local DIR (an encoder with both stages): word 0 + the local
+  elite_local_l1.0   tokens at lambda 0.6 and 1.0
+
+Their s/concept is one encoder pass of the photo (median of a few after compile); the
+encoder's own training (stage 1 + 2, from the training workdirs' metrics.jsonl) is amortized
+over every concept and printed beside the table. --methods names the NeTI methods to train;
+`none` trains none, and `elite` (alone or in the list) asks for the ELITE rows, so
+`--methods elite --elite-global A --elite-local B` scores the ELITE rows and the references only.
+
 Reference rows use the same prompts and seeds with no learning: the super-category word in
 place of the placeholder ("a photo of a circle"), and the concept in the world's words with
 the super-category's shape ("a photo of a yellow circle", "a photo of a blue striped
@@ -51,7 +69,7 @@ of concepts (compile apart; every concept of a run trains in the same steps).
 Written under --out: fidelity_editability.png (x: bg, y: clip_edit, one labelled point per
 truncation, the other methods and references as squares), photos.png (the training photos),
 samples_<method>_step<N>.png (per concept: plain seeds, then one image per edit background),
-samples_neti_step<N>_truncations.png, results.json (every row, per concept and mean) and
+samples_neti_step<N>_truncations.png, samples_<elite row>.png, results.json (every row, per concept and mean) and
 photos/ (the photo files the runs read). Whatever comes out is reported; the world is not
 tuned to it.
 """
@@ -63,6 +81,7 @@ import json
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +95,11 @@ from PIL import Image, ImageDraw
 
 from benchmarks.common import format_table
 from configs.neti import get_config
+from benchmarks.common import median, time_fn
+from configs import elite_global as elite_configs
+from spacetime_jax.elite import sample as elite_sample
+from spacetime_jax.elite.artifact import EncoderArtifact, load_encoder
+from spacetime_jax.elite.conditioning import format_prompts as elite_prompts
 from spacetime_jax.errors import UserError
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.clip_vision import clip_preprocess
@@ -93,6 +117,7 @@ from spacetime_jax.toyworld.concepts import (HELD_OUT_CONCEPTS, render_concept_i
                                              write_concept_images)
 from spacetime_jax.toyworld.measure import measure_background_color, measure_object_color
 from spacetime_jax.toyworld.render import render
+from spacetime_jax.training.progress import METRICS_FILE
 from spacetime_jax.toyworld.scene import Background
 from spacetime_jax.visualize import save_grid
 
@@ -111,6 +136,10 @@ NUM_BACKGROUNDS = 4
 SEED_OFFSET = 20_000  # away from the pretraining's and the other benchmarks' seeds
 PLAIN_TEMPLATE = "a photo of a {}"
 METRICS = ("clip_plain", "clip_edit", "shape_plain", "shape_edit", "color", "bg")
+NO_METHODS, ELITE = "none", "elite"  # --methods words besides the NeTI methods
+ELITE_PHOTO = 0           # ELITE encodes one image: the concept's first photo
+ELITE_LAMBDAS = (0.6, 1.0)
+ENCODE_TIMED_CALLS = 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,11 +450,177 @@ def run_method(setup: Setup, method: str, model: str, milestones: list[int], wor
     return rows, last_images
 
 
-def print_report(rows: list[dict], names: list[str], milestones: list[int], args) -> None:
+# ---------------------------------------------------------------------------------------
+# ELITE: one encoder pass per concept, no per-concept training.
+
+
+@dataclasses.dataclass
+class EliteEncoder:
+    """A trained encoder folder, loaded: the frozen model it runs on and its params."""
+    folder: Path
+    model: Any   # spacetime_jax.elite.sample.EliteModel
+    params: Any  # spacetime_jax.elite.sample.EncoderParams
+    training: dict  # stage -> wall seconds of its training loop (None: unknown)
+
+
+def photo_with_mask(concept, photo: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """ELITE's input: photo ELITE_PHOTO (uint8 (S, S, 3)) and its object mask ((S, S, 1) 0/1),
+    rendered again from the draws render_concept_images makes for it (seed 0)."""
+    name_key = zlib.crc32(concept.name.encode())
+    image, mask = render(concept.scene(np.random.default_rng([0, ELITE_PHOTO, name_key])), size)
+    if not np.array_equal(image, photo):
+        raise RuntimeError(f"{concept.name}: re-rendering photo {ELITE_PHOTO} did not give the "
+                           "photo render_concept_images made; its draws changed")
+    return image, mask[..., None].astype(np.float32)
+
+
+def last_elapsed_seconds(workdir: Path) -> float | None:
+    """The training loop's wall time a workdir's metrics.jsonl last logged (after compile; a
+    resumed run's counts from its resumption)."""
+    path = workdir / METRICS_FILE
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records[-1].get("elapsed_s") if records else None
+
+
+def encoder_training_seconds(folder: Path, artifact: EncoderArtifact) -> dict:
+    """Stage -> wall seconds from the training workdirs' metrics: the folder is WORKDIR/encoder;
+    a two-stage encoder's stage-1 workdir is its train config's global_checkpoint."""
+    if artifact.local_params is None:
+        return {"stage 1": last_elapsed_seconds(folder.parent)}
+    checkpoint = artifact.extra.get("train_config", {}).get("global_checkpoint")
+    stage1 = None
+    if checkpoint:
+        checkpoint = Path(checkpoint).expanduser()
+        workdir = checkpoint if (checkpoint / "encoder").is_dir() else checkpoint.parent
+        stage1 = last_elapsed_seconds(workdir)
+    return {"stage 1": stage1, "stage 2": last_elapsed_seconds(folder.parent)}
+
+
+def elite_model_config(model: str, artifact: EncoderArtifact):
+    """configs/elite_global.py:tiny on `model`, with the encoder's image tower, placeholder and
+    mapper sizes."""
+    config = elite_configs.get_config("tiny")
+    config.model = model
+    config.image_encoder = artifact.image_encoder or ""
+    config.placeholder = artifact.extra.get("placeholder", config.placeholder)
+    config.encoder.feature_layers = tuple(artifact.config.feature_layers)
+    config.encoder.hidden_width = artifact.config.hidden_width
+    return config
+
+
+def load_elite_encoder(folder: str, model: str, model_dir: Path, needs_local: bool,
+                       models: dict) -> EliteEncoder:
+    """The encoder folder and the frozen model it runs on; `models` caches the latter by what
+    it is built from, so encoders on the same model share it (and its compiled sampler)."""
+    flag = "--elite-local" if needs_local else "--elite-global"
+    artifact = load_encoder(folder)
+    if needs_local and artifact.local_params is None:
+        raise UserError(f"{flag} {folder}: this encoder has no local stage; give a stage-2 "
+                        "encoder folder (WORKDIR/encoder of an elite_local run)")
+    if Path(resolve_builtin(artifact.base_model)).resolve() != model_dir.resolve():
+        raise UserError(f"{flag} {folder}: the encoder was trained on {artifact.base_model}, "
+                        f"not on --model {model}; pass --model {artifact.base_model}")
+    config = elite_model_config(model, artifact)
+    key = (config.image_encoder, config.placeholder, artifact.config)
+    if key not in models:
+        models[key] = elite_sample.load_model(config)
+    elite_model = models[key]
+    if elite_model.encoder_config != artifact.config:
+        raise UserError(f"{flag} {folder}: its mappers ({artifact.config}) do not fit the "
+                        f"model's image tower ({elite_model.encoder_config})")
+    g, l = artifact.global_params, artifact.local_params
+    params = elite_sample.EncoderParams(
+        global_mapper=g["mapper"], global_kv=g["kv"],
+        local_mapper=l["mapper"] if needs_local else None,
+        local_kv=l["kv"] if needs_local else None)
+    return EliteEncoder(Path(folder), elite_model, params,
+                        encoder_training_seconds(Path(folder), artifact))
+
+
+def encode_seconds(encoder: EliteEncoder, image: np.ndarray, mask: np.ndarray) -> tuple:
+    """(words, tokens) of one image and the median wall time of one encoder pass after the
+    compiling call."""
+    encode = lambda: elite_sample.encode_images(encoder.model, encoder.params, image[None],
+                                                mask[None])
+    times, (words, tokens) = time_fn(encode, steps=ENCODE_TIMED_CALLS, warmup=1)
+    return words, tokens, median(times)
+
+
+def elite_variants(encoders: dict) -> list[tuple[str, str, float | None, int | None]]:
+    """(row name, encoder kind, lambda, token index) of the rows the given encoders make:
+    word 0 alone (the reference's inference scripts; stage 2 trains with it) and, for the
+    global words, all five (its inference script's default; stage 1 trains with them)."""
+    variants = ([("elite_global", "global", None, 0), ("elite_global_all", "global", None, None)]
+                if "global" in encoders else [])
+    if "local" in encoders:
+        variants += [(f"elite_local_l{scale}", "local", scale, 0) for scale in ELITE_LAMBDAS]
+    return variants
+
+
+def elite_rows(setup: Setup, encoders: dict, inputs: dict, log) -> tuple[list[dict], dict]:
+    """Each ELITE variant's row (s/concept: one encoder pass of the concept's image) and its
+    images by concept."""
+    encoded = {}  # (kind, concept) -> (words, tokens, seconds)
+    for kind, encoder in encoders.items():
+        for name, (image, mask) in inputs.items():
+            encoded[kind, name] = encode_seconds(encoder, image, mask)
+        mean = np.mean([encoded[kind, n][2] for n in inputs])
+        log(f"ELITE {kind} encoder ({encoder.folder}): {mean * 1e3:.2f} ms per image")
+    rows, images = [], {}
+    for method, kind, scale, token_index in elite_variants(encoders):
+        encoder, per_concept = encoders[kind], {}
+        tic = time.perf_counter()
+        for name, (image, mask) in inputs.items():
+            p = setup.prompts[name]
+            words, tokens, _ = encoded[kind, name]
+            n = len(p.seeds)
+            out = elite_sample.generate(
+                encoder.model, encoder.params, np.repeat(image[None], n, 0),
+                np.repeat(mask[None], n, 0),
+                elite_prompts(p.templates, encoder.model.text.placeholder), list(p.seeds),
+                local_scale=scale, token_index=token_index,
+                words=jnp.repeat(words, n, axis=0),
+                tokens=None if scale is None else jnp.repeat(tokens, n, axis=0),
+                **setup.sample_kwargs)
+            per_concept[name] = score(out, p, setup.references[name], setup.embed)
+            images[method] = {**images.get(method, {}), name: out}
+        seconds = float(np.mean([encoded[kind, n][2] for n in inputs]))
+        rows.append(make_row(method, 0, None, per_concept, seconds))
+        m = rows[-1]["mean"]
+        log(f"{method}: scored in {time.perf_counter() - tic:.1f} s: clip_edit "
+            f"{m['clip_edit']:.3f} shape_edit {m['shape_edit']:.3f} bg {m['bg']:.3f}")
+    return rows, images
+
+
+def elite_notes(encoders: dict) -> list[str]:
+    """What the ELITE rows' s/concept leaves out: the encoder's training, amortized."""
+    if not encoders:
+        return []
+    fmt = lambda v: "unknown" if v is None else f"{v:.0f} s"
+    lines = [f"ELITE s/concept: one encoder pass of the concept's photo {ELITE_PHOTO} (median of "
+             f"{ENCODE_TIMED_CALLS} after compile); ELITE trains nothing per concept. Its "
+             "encoder's own training is amortized over every concept it is used on:"]
+    for kind, encoder in encoders.items():
+        parts = encoder.training
+        total = (None if any(v is None for v in parts.values())
+                 else sum(parts.values()))
+        lines.append(f"  {kind} encoder {encoder.folder}: "
+                     + " + ".join(f"{stage} {fmt(v)}" for stage, v in parts.items())
+                     + f" = {fmt(total)} training-loop wall time (metrics.jsonl elapsed_s; "
+                     "compile and model load not included)")
+    return lines
+
+
+def print_report(rows: list[dict], names: list[str], milestones: list[int], args,
+                 trained: bool = True) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    # Sub-second times (an ELITE encoder pass) keep their significant digits.
+    seconds = lambda v: fmt(v, ".1f" if v is None or v >= 0.1 else ".4f")
     table = [[r["method"], fmt(r["steps"], "d"), fmt(r["truncation"], "d")]
              + [f"{r['mean'][m]:.3f}" for m in METRICS]
-             + [fmt(r["seconds_per_concept"], ".1f")] for r in rows]
+             + [seconds(r["seconds_per_concept"])] for r in rows]
     print()
     print(f"model {args.model}; {len(names)} held-out concepts ({', '.join(names)}); "
           f"{(1 + NUM_BACKGROUNDS) * args.seeds_per_prompt} images per concept and row "
@@ -434,7 +629,8 @@ def print_report(rows: list[dict], names: list[str], milestones: list[int], args
           "concepts")
     print(format_table(["method", "steps", "trunc"] + list(METRICS) + ["s/concept"], table))
     print()
-    print(f"per concept, clip_edit / shape_edit / color / bg at step {milestones[-1]}:")
+    print("per concept, clip_edit / shape_edit / color / bg"
+          + (f" at step {milestones[-1]}:" if trained else " (no NeTI method trained):"))
     shown = [r for r in rows if r["steps"] in (None, 0)
              or (r["steps"] == milestones[-1] and r["truncation"] is None)]
     print(format_table(["method"] + names,
@@ -444,7 +640,8 @@ def print_report(rows: list[dict], names: list[str], milestones: list[int], args
 
 
 def write_pictures(out: Path, rows: list[dict], images: dict, photos: dict,
-                   milestones: list[int], seeds_per_prompt: int) -> None:
+                   milestones: list[int], seeds_per_prompt: int,
+                   elite_images: dict | None = None) -> None:
     """The fidelity-editability plot, the photos, and sample grids at the last milestone."""
     last = milestones[-1]
     curve = [(f"t={r['truncation']}", r["mean"]["bg"], r["mean"]["clip_edit"])
@@ -462,6 +659,8 @@ def write_pictures(out: Path, rows: list[dict], images: dict, photos: dict,
         if len(by_truncation) > 1:
             truncation_grid(out / f"samples_{method}_step{last}_truncations.png",
                             by_truncation, seeds_per_prompt)
+    for method, by_concept in (elite_images or {}).items():
+        sample_grid(out / f"samples_{method}.png", by_concept, seeds_per_prompt)
 
 
 def main() -> None:
@@ -469,7 +668,15 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:toyworld")
     parser.add_argument("--steps", default="100,250,500",
                         help="milestones (training steps) at which every method is scored")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"NeTI methods to train ({', '.join(METHODS)}), comma-separated; "
+                             f"'{NO_METHODS}': none; '{ELITE}': the ELITE rows (needs "
+                             "--elite-global or --elite-local), e.g. --methods elite")
+    parser.add_argument("--elite-global", default=None, metavar="DIR",
+                        help="a stage-1 ELITE encoder folder: adds the elite_global row")
+    parser.add_argument("--elite-local", default=None, metavar="DIR",
+                        help="a stage-2 ELITE encoder folder: adds the elite_local_l0.6 and "
+                             "elite_local_l1.0 rows")
     parser.add_argument("--concepts", default=",".join(HELD_OUT_CONCEPTS))
     parser.add_argument("--super-category", action="append", default=[],
                         metavar="CONCEPT=WORD", help="override a concept's initializer word")
@@ -481,11 +688,21 @@ def main() -> None:
     args = parser.parse_args()
 
     milestones = parse_milestones(args.steps)
-    methods = [m for m in args.methods.split(",") if m]
+    words_given = [m for m in args.methods.split(",") if m]
     names = [n for n in args.concepts.split(",") if n]
-    for method in methods:
-        if method not in METHODS:
-            raise UserError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
+    for method in words_given:
+        if method not in (*METHODS, NO_METHODS, ELITE):
+            raise UserError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}, "
+                            f"or {NO_METHODS} (no NeTI training), {ELITE} (the ELITE rows)")
+    methods = [m for m in words_given if m in METHODS]
+    if NO_METHODS in words_given and methods:
+        raise UserError(f"--methods {args.methods}: '{NO_METHODS}' trains no NeTI method; give "
+                        "it alone or leave it out")
+    elite_folders = {kind: folder for kind, folder in (("global", args.elite_global),
+                                                       ("local", args.elite_local)) if folder}
+    if ELITE in words_given and not elite_folders:
+        raise UserError(f"--methods {args.methods}: the ELITE rows need an encoder: pass "
+                        "--elite-global DIR and/or --elite-local DIR")
     for name in names:
         if name not in HELD_OUT_CONCEPTS:
             raise UserError(f"--concepts: unknown concept {name!r}; known: "
@@ -501,10 +718,15 @@ def main() -> None:
     sd = load_stable_diffusion(model_dir)
     check_super_categories(sd.tokenizer, names, words)
     embed = ClipEmbedder(model_dir)
+    # Encoders first: a wrong folder must not wait for the references' sampling.
+    elite_models: dict = {}
+    encoders = {kind: load_elite_encoder(folder, args.model, model_dir, kind == "local",
+                                         elite_models)
+                for kind, folder in elite_folders.items()}
     resolution = sd.unet.config.sample_size * sd.vae_config.downsample_factor
     specs = [ConceptSpec(name, str(out / "photos" / name), f"<{name}>", words[name])
              for name in names]
-    prompts, references, photos = {}, {}, {}
+    prompts, references, photos, elite_inputs = {}, {}, {}, {}
     for name in names:
         concept = HELD_OUT_CONCEPTS[name]
         write_concept_images(concept, out / "photos" / name, NUM_PHOTOS, seed=0, size=resolution)
@@ -513,6 +735,7 @@ def main() -> None:
         references[name] = Reference(embed(photos[name]),
                                      fidelity.reference_silhouettes(photos[name]), concept.color)
         prompts[name] = evaluation_prompts(concept, args.seeds_per_prompt)
+        elite_inputs[name] = photo_with_mask(concept, photos[name][ELITE_PHOTO], resolution)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
     setup = Setup(sd=sd, text=text, specs=specs, prompts=prompts, references=references,
@@ -526,6 +749,8 @@ def main() -> None:
 
     rows = reference_rows(setup, words)
     log("references scored")
+    elite_method_rows, elite_images = elite_rows(setup, encoders, elite_inputs, log)
+    rows += elite_method_rows
     images = {}
     # Latent caches in a fresh folder: a cache is keyed on the model's path, not its weights.
     with tempfile.TemporaryDirectory() as work:
@@ -534,13 +759,18 @@ def main() -> None:
                                                      Path(work) / method, log)
             rows += method_rows
 
-    print_report(rows, names, milestones, args)
-    write_pictures(out, rows, images, photos, milestones, args.seeds_per_prompt)
+    print_report(rows, names, milestones, args, trained=bool(methods))
+    for line in elite_notes(encoders):
+        print(line)
+    write_pictures(out, rows, images, photos, milestones, args.seeds_per_prompt, elite_images)
     (out / "results.json").write_text(json.dumps(dict(
         model=args.model, milestones=milestones, concepts=names,
         super_categories={n: words[n] for n in names}, seeds_per_prompt=args.seeds_per_prompt,
         sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
-        prompts={n: dataclasses.asdict(p) for n, p in prompts.items()}, rows=rows),
+        prompts={n: dataclasses.asdict(p) for n, p in prompts.items()},
+        elite_encoders={kind: dict(folder=str(e.folder), training_seconds=e.training)
+                        for kind, e in encoders.items()},
+        elite_photo=ELITE_PHOTO, rows=rows),
         indent=1) + "\n")
     log(f"done; plot, sample grids and results.json in {out}")
 

@@ -40,5 +40,6 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
         c.validation.prompts = elite_global.TOYWORLD_PROMPTS
     elif arg != "sd15":
         raise ValueError(f"unknown variant {arg!r} of configs/elite_local.py (tiny, sd15)")
+    c.validation.token_index = "0"  # stage 2 trains and samples with word 0 alone
     c.lock()
     return c

@@ -76,6 +76,18 @@ _BAD_NAMES_SHOWN = 5
 _log = logging.getLogger(__name__)
 
 
+class _TfdsNoise(logging.Filter):
+    """Drops two tfds lines that every open of a runtime config prints and that no user can
+    act on: the config is ours by design, and PIL decodes the PNGs."""
+    _NOISE = ("Using custom data configuration", "OpenCV is not installed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self._NOISE)
+
+
+logging.getLogger("absl").addFilter(_TfdsNoise())
+
+
 @dataclasses.dataclass(eq=False)
 class ObjectCropsConfig(tfds.core.BuilderConfig):
     """The crop size and the reference's object filters. The name is derived from the values,

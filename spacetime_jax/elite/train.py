@@ -312,7 +312,8 @@ def write_validation_grid(path: Path, session: Session, params, images, masks,
                        np.stack([masks[i] for i, _ in rows for _ in validation.seeds]),
                        [p for _, p in rows for _ in validation.seeds],
                        [s for _ in rows for s in validation.seeds], local_scale=scale,
-                       token_index=0, num_steps=validation.steps,
+                       token_index=None if validation.token_index == "all" else
+                       int(validation.token_index), num_steps=validation.steps,
                        guidance_scale=validation.guidance_scale, method=validation.sampler)
         cells.append(out.reshape((len(rows), len(validation.seeds)) + out.shape[1:]))
     generated = np.concatenate(cells, axis=1)  # (rows, columns, H, W, 3)
@@ -339,6 +340,9 @@ def run(config, workdir: str) -> None:
     if config.stage not in STAGES:
         raise UserError(f"stage={config.stage!r} is unknown; use one of {STAGES}")
     check_remat_policy(t.remat_policy, "train.remat_policy")
+    if config.validation.token_index not in ("all", "0", "1", "2", "3", "4"):
+        raise UserError(f"validation.token_index={config.validation.token_index!r}: use '0' (the "
+                        "primary word) or 'all'")
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     if config.stage == "local":
         global_encoder_folder(config.global_checkpoint)
