@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from spacetime_jax.elite.encoder import EncoderConfig, mapper_param_shapes
+from spacetime_jax.elite.params import differing_paths
 from spacetime_jax.errors import UserError
 
 ARTIFACT_VERSION = 1
@@ -62,8 +63,7 @@ def _check_stage(params: Any, config: EncoderConfig, stage: str, where: str) -> 
             traverse_util.flatten_dict(mapper_param_shapes(config)).items()}
     have = {path: np.shape(v) for path, v in traverse_util.flatten_dict(params["mapper"]).items()}
     if want != have:
-        wrong = sorted("/".join(p) for p in set(want) ^ set(have))
-        wrong += sorted("/".join(p) for p in set(want) & set(have) if want[p] != have[p])
+        wrong = differing_paths(want, have)
         raise UserError(f"{where}: the {stage} mapper does not match the encoder config "
                         f"({config}); differing params: {wrong[:6]}")
     kv_paths = list(traverse_util.flatten_dict(params["kv"]))

@@ -78,3 +78,10 @@ def _merge_two(base: Any, update: Any) -> Any:
 def count_params(tree: Any) -> int:
     """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def differing_paths(want: Mapping[tuple, tuple], have: Mapping[tuple, tuple]) -> list[str]:
+    """Paths ("a/b/c") that one of two {path: shape} maps lacks, then those whose shapes
+    differ: what an error message names when params do not fit."""
+    wrong = sorted("/".join(p) for p in set(want) ^ set(have))
+    return wrong + sorted("/".join(p) for p in set(want) & set(have) if want[p] != have[p])

@@ -30,7 +30,8 @@ from spacetime_jax.diffusion.samplers import METHODS
 from spacetime_jax.elite.artifact import (ENCODER_DIR, EncoderArtifact, image_encoder_source,
                                           load_encoder)
 from spacetime_jax.elite.conditioning import format_prompts
-from spacetime_jax.elite.params import LOCAL_NAMES, cross_attention_kernel_paths
+from spacetime_jax.elite.params import (LOCAL_NAMES, cross_attention_kernel_paths,
+                                        differing_paths)
 from spacetime_jax.elite.sample import (EliteModel, EncoderParams, check_lambda, encode_images,
                                         generate, load_model)
 from spacetime_jax.errors import UserError
@@ -283,8 +284,7 @@ def check_kv_fits(artifact: EncoderArtifact, model: EliteModel, model_name: str)
     for stage, params, want in stages:
         have = {path: np.shape(v) for path, v in traverse_util.flatten_dict(params["kv"]).items()}
         if have != want:
-            wrong = sorted("/".join(p) for p in set(have) ^ set(want))
-            wrong += sorted("/".join(p) for p in set(have) & set(want) if have[p] != want[p])
+            wrong = differing_paths(want, have)
             raise UserError(f"the encoder's {stage} K/V copies do not fit {model_name}'s U-Net "
                             f"(differing: {wrong[:4]}): use the model it was trained on")
 

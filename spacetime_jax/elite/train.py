@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from spacetime_jax.parallel import sharding
 from spacetime_jax.parallel.mesh import make_mesh, maybe_initialize_distributed
 from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
 from spacetime_jax.training.preemption import StopSignal
-from spacetime_jax.training.progress import METRICS_FILE, Progress
+from spacetime_jax.training.progress import Progress, truncate_metrics
 from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
@@ -269,15 +268,6 @@ def build_session(config, model: EliteModel, mesh) -> Session:
 
 # ---------------------------------------------------------------------------------------
 # The job.
-
-def truncate_metrics(workdir: Path, last_step: int) -> None:
-    path = workdir / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
 
 def evaluation_batch(source, config, model: EliteModel) -> dict:
     """A fixed held-out batch (its own seed, step 0), whole on every process."""

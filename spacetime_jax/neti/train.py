@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
 import time
 import zlib
@@ -48,7 +47,7 @@ from spacetime_jax.parallel.mesh import (make_mesh, maybe_initialize_distributed
 from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
 from spacetime_jax.training.preemption import StopSignal
-from spacetime_jax.training.progress import METRICS_FILE, Progress
+from spacetime_jax.training.progress import Progress, truncate_metrics
 from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
@@ -138,16 +137,6 @@ def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, vari
                        seeds=np.asarray(seeds, np.uint32),
                        encoding={k: v for k, v in variables.items() if k != "params"})
     return pad_rows(data, count).replace(real=real_rows(len(specs), count))
-
-
-def truncate_metrics(workdir: Path, last_step: int) -> None:
-    """Drops metric lines past the step a resumed run restarts from (no duplicates)."""
-    path = workdir / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def concept_seed(train_seed: int, placeholder: str) -> int:

@@ -133,3 +133,13 @@ class Progress:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def truncate_metrics(workdir: str | Path, last_step: int) -> None:
+    """Drops metric lines past the step a resumed run restarts from (no duplicates)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
