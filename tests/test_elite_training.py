@@ -213,6 +213,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp, objects, cli_env, g
     ({"stage": "middle"}, "stage='middle' is unknown"),
     ({"data.root": "/nonexistent/objects"}, "/nonexistent/objects"),
     ({"data.validation_split": "val"}, "no split 'val'"),
+    ({"validation.token_index": "first"}, "validation.token_index='first'"),
+    ({"train.remat_policy": "most"}, "train.remat_policy='most' is unknown"),
 ])
 def test_bad_input_is_one_line(tmp, objects, cli_env, overrides, words):
     workdir = tmp / f"bad_{len(os.listdir(tmp))}"
@@ -220,6 +222,16 @@ def test_bad_input_is_one_line(tmp, objects, cli_env, overrides, words):
     assert result.returncode == 2
     assert words in error_line(result)
     assert not (workdir / "checkpoints").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp, objects, cli_env):
+    workdir = tmp / "diverged"
+    # Adam's first update moves every param by about the learning rate: 1e30 overflows.
+    result = run_cli(cli_args(workdir, tmp, objects, **{"train.learning_rate": 1e30}), cli_env)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "loss is" in line and "at step 2" in line and "step 0" in line, line
+    assert not (workdir / "encoder").exists()
 
 
 def test_stage_two_needs_a_matching_stage_one(tmp, objects, cli_env, global_stage):
