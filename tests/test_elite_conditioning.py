@@ -16,8 +16,6 @@ from spacetime_jax.errors import UserError
 from spacetime_jax.models.attention import CrossAttention, LayerContexts, LocalBranch
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
-from spacetime_jax.models.tiny_configs import TINY_SD1_UNET
-from spacetime_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 TOKENS, LOCAL_TOKENS, WIDTH = 7, 5, 32
 
@@ -86,24 +84,23 @@ def test_bad_prompts_and_token_indices_are_named():
 # --- The U-Net's K/V copies and its local branch.
 
 class LocalUNet:
-    """The tiny SD 1.x U-Net with the local branch, random weights, and its K/V trees."""
+    """The shipped toy-world U-Net (SD 1.x topology, 16 cross-attention layers) built with the
+    local branch, its local projections perturbed away from to_k/to_v; loading it costs no
+    init compile."""
 
     def __init__(self):
-        config = UNetConfig.from_dict(TINY_SD1_UNET)
-        self.model = UNet2DConditionModel(config, local_branch=True)
+        sd = load_stable_diffusion(resolve_builtin("builtin:toyworld"), local_branch=True)
+        self.model = sd.unet
+        width = sd.unet.config.cross_attention_dim
         rng = np.random.RandomState(0)
         self.latents = rng.randn(2, 8, 8, 4).astype(np.float32)
         self.timesteps = np.array([10, 700], np.int32)
-        self.context = rng.randn(2, TOKENS, WIDTH).astype(np.float32)
-        self.tokens = rng.randn(2, LOCAL_TOKENS, WIDTH).astype(np.float32)
-        contexts = local_contexts(jnp.asarray(self.context), jnp.asarray(self.tokens),
-                                  jnp.array([2, 3]), jnp.ones(2), 16)
-        params = self.model.init(jax.random.key(1), self.latents, self.timesteps,
-                                 contexts)["params"]
+        self.context = rng.randn(2, TOKENS, width).astype(np.float32)
+        self.tokens = rng.randn(2, LOCAL_TOKENS, width).astype(np.float32)
         # Distinct local projections (the method starts them as copies of to_k/to_v).
-        local = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
-                             local_kv_init(params))
-        self.params = merge_params(params, local)
+        local = jax.tree.map(lambda x: x + 0.3 * rng.randn(*x.shape).astype(np.float32),
+                             local_kv_init(sd.unet_params))
+        self.params = merge_params(sd.unet_params, local)
         self.apply = jax.jit(self.model.apply)
 
     def run(self, rows, scale, positions=(2, 3), local=True):
