@@ -6,12 +6,11 @@ stderr naming the problem and exit status 2; nothing already written is removed.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from spacetime_jax.errors import UserError
+from spacetime_jax.errors import UserError, exit_with
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -54,15 +53,15 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config is None or not _WORKDIR.value:
-        _exit_with("--config and --workdir are required")
+        exit_with("--config and --workdir are required")
     try:
         config.method  # a config file that failed to load raises on first use
     except OSError as err:
-        _exit_with(str(err).strip().splitlines()[-1].strip())
+        exit_with(str(err).strip().splitlines()[-1].strip())
     try:
         run(config, _WORKDIR.value)
     except UserError as err:
-        _exit_with(str(err))
+        exit_with(str(err))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -70,7 +69,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as err:  # ml_collections raises many types while applying overrides
-        _exit_with(_describe_flag_error(err, argv))
+        exit_with(_describe_flag_error(err, argv))
 
 
 def _describe_flag_error(err: Exception, argv: list[str]) -> str:
@@ -84,11 +83,6 @@ def _describe_flag_error(err: Exception, argv: list[str]) -> str:
     # line is the message a person needs.
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"bad command line: {lines[-1] if lines else type(err).__name__}"
-
-
-def _exit_with(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ CLI (writes the encoder folder that personalization reads, see artifact.py):
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -30,7 +29,7 @@ from flax import traverse_util
 from spacetime_jax.elite.encoder import (DENSE_INDICES, NORM_INDICES, EncoderConfig,
                                          encoder_config_for, mapper_param_shapes)
 from spacetime_jax.elite.params import LOCAL_NAMES, cross_attention_kernel_paths
-from spacetime_jax.errors import UserError
+from spacetime_jax.errors import UserError, exit_with
 
 REFERENCE_IMAGE_ENCODER = "openai/clip-vit-large-patch14"  # the reference's CLIP tower
 # Our projection name -> the reference's (its local file calls the local ones to_k / to_v).
@@ -284,8 +283,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                     image_encoder=args.image_encoder,
                                     feature_layers=_parse_layers(args.feature_layers))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(str(err))
     print(f"ELITE encoder ({'global + local' if args.local_mapper else 'global'}) for "
           f"{args.model} -> {folder}")
 

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spacetime_jax.elite import pipeline
 from spacetime_jax.elite.artifact import ENCODER_DIR, load_encoder, save_encoder
+from spacetime_jax.elite.conditioning import format_prompts
 from spacetime_jax.elite.data import ObjectCropsConfig, open_object_crops
 from spacetime_jax.elite.encoder import init_mapper_params
 from spacetime_jax.elite.params import cross_attention_kv, local_kv_init
@@ -287,7 +288,6 @@ def validation_examples(source, count: int) -> tuple[np.ndarray, np.ndarray]:
 def write_validation_grid(path: Path, session: Session, params, images, masks,
                           validation, placeholder: str) -> None:
     """Rows: (held-out object, prompt); columns: the object, then seeds (x lambdas in stage 2)."""
-    from spacetime_jax.elite.conditioning import format_prompts
     encoder = session.encoder_params(params)
     prompts = format_prompts(validation.prompts, placeholder)
     scales = list(validation.local_scales) if encoder.has_local else [None]

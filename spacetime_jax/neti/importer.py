@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from spacetime_jax.errors import UserError
+from spacetime_jax.errors import UserError, exit_with
 from spacetime_jax.models import convert
 from spacetime_jax.neti.mapper import MapperConfig, NeTIMapper
 
@@ -351,7 +351,6 @@ def to_concept(imported: ImportedConcept, *, base_model: Optional[str] = None,
 def main(argv: Optional[list[str]] = None) -> None:
     """python -m spacetime_jax.neti.importer mapper-steps-1000.pt --out runs/cat/concept"""
     import argparse
-    import sys
 
     from spacetime_jax.neti.concept import save_concept
 
@@ -372,8 +371,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                              super_category=args.super_category, target_norm=args.target_norm)
         folder = save_concept(args.out, concept)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(str(err))
     print(f"concept {concept.placeholder} (base model {concept.base_model}, target norm "
           f"{concept.target_norm:.4f}) -> {folder}")
 
