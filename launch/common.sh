@@ -72,6 +72,13 @@ die() {
   exit 2
 }
 
+# Ends the script with one line on stderr and status 2, for a request that parses but would
+# not work, where the line itself says what to change (so no pointer to --help).
+refuse() {
+  printf '%s: error: %s\n' "$SCRIPT_NAME" "$1" >&2
+  exit 2
+}
+
 # Checks that an option has a value: `require_value "$@"` with the option in $1.
 require_value() {
   local option=$1

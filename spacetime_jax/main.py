@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from spacetime_jax.errors import UserError, exit_with
+from spacetime_jax.paths import resolve, resolve_config_paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -40,10 +41,18 @@ def enable_compilation_cache() -> None:
 
 
 def run(config, workdir: str) -> None:
-    enable_compilation_cache()
+    """Joins the other processes (if any), resolves every path once, checks that all
+    processes share the workdir, then runs the job."""
     jobs = _jobs()
     if config.method not in jobs:
         raise UserError(f"config.method={config.method!r} is unknown; known: {sorted(jobs)}")
+    from spacetime_jax.parallel.mesh import maybe_initialize_distributed
+    from spacetime_jax.parallel.multihost import check_shared_workdir
+    maybe_initialize_distributed(config.get("distributed"))
+    enable_compilation_cache()
+    workdir = resolve(workdir)
+    resolve_config_paths(config)
+    check_shared_workdir(workdir)
     jobs[config.method](config, workdir)
 
 

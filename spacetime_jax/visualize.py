@@ -1,11 +1,15 @@
 """Image grids a person can look at: rows and columns with their labels."""
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
+
+from spacetime_jax.paths import as_path
 
 LABEL_HEIGHT = 12
 
@@ -44,8 +48,19 @@ def image_grid(images: np.ndarray, rows: int, cols: int, row_labels: Sequence[st
     return grid
 
 
-def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int, **labels) -> Path:
-    path = Path(path)
+def save_png(path: str | os.PathLike, image: Image.Image | np.ndarray) -> epath.Path:
+    """Writes `image` (a PIL image or uint8 (H, W, 3) pixels) as a PNG at `path`, local or
+    gs://, making its folder."""
+    path = as_path(path)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows, cols, **labels).save(path)
+    path.write_bytes(buffer.getvalue())
     return path
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, rows: int, cols: int,
+              **labels) -> epath.Path:
+    return save_png(path, image_grid(images, rows, cols, **labels))

@@ -15,9 +15,11 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def complete_steps(workdir: Path) -> list[int]:
-    """Checkpoint steps on disk that orbax finished (an unfinished save is a *-tmp folder)."""
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+def complete_steps(workdir) -> list[int]:
+    """Checkpoint steps that orbax finished: on a local disk an unfinished save is a *-tmp
+    folder; on GCS (no renames) a step folder without orbax's commit_success.txt."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
 # A run as `python -c KILL_AFTER_LOGGING.format(...) ARGS`: the job, killed by SIGKILL once

@@ -91,12 +91,12 @@ def global_stage(tmp, objects):
     session = train.build_session(config, model, mesh)
     source = train.open_split(config, config.data.split)
     held_out = train.open_split(config, config.data.validation_split)
-    eval_batch = train.evaluation_batch(held_out, config, model)
+    eval_batch = train.evaluation_batch(held_out, config, model, session)
     before, after = train_in_process(session, source, config, GLOBAL_STEPS)
     losses = [session.evaluate(p, eval_batch, config.evaluation.seed)["mse"]
               for p in (before, after)]
-    folder = train.save_trained_encoder(tmp / "global_run" / train.ENCODER_DIR, session, after,
-                                        config)
+    folder = train.save_trained_encoder(tmp / "global_run" / train.ENCODER_DIR, session,
+                                        session.encoder_params(after), config)
     return dict(config=config, model=model, session=session, held_out=held_out, params=after,
                 losses=losses, folder=folder)
 
@@ -140,7 +140,7 @@ def test_local_stage_lowers_its_held_out_loss(tmp, objects, global_stage):
         jax.tree.leaves(global_stage["params"]["mapper"])[0])
     source = train.open_split(config, config.data.split)
     eval_batch = train.evaluation_batch(train.open_split(config, config.data.validation_split),
-                                        config, model)
+                                        config, model, session)
     assert set(eval_batch) >= {"local_pixels", "local_mask", "valid_mask"}
     before, after = train_in_process(session, source, config, LOCAL_STEPS)
     loss_before, loss_after = (session.evaluate(p, eval_batch, config.evaluation.seed)["mse"]

@@ -68,14 +68,20 @@ def test_tpu_pod_every_gcloud_command_carries_the_project_when_given():
     assert lines == [shlex.join(
         [*TPU_VM, "create", "my-pod", "--accelerator-type=v5litepod-16",
          "--version=v2-alpha-tpuv5-lite", ZONE, "--project=my-project"])]
-    for subcommand, *args in (["install"], ["run", "--config=c.py", "--workdir=w"],
-                              ["logs", "--workdir=w"], ["fetch", "--workdir=w"], ["delete"]):
+    for subcommand, *args in (["install"], ["run", "--config=c.py", "--workdir=gs://b/w"],
+                              ["logs", "--workdir=w"], ["logs", "--workdir=gs://b/w"],
+                              ["fetch", "--workdir=w"], ["fetch", "--workdir=gs://b/w"],
+                              ["delete"]):
         gcloud_lines = [line for line in dry_run("tpu_pod.sh", subcommand, *POD, *args,
                                                  "--project=my-project")
                         if line.startswith("gcloud ")]
         assert gcloud_lines, subcommand
         for line in gcloud_lines:
-            assert shlex.split(line)[-2:] == [ZONE, "--project=my-project"], line
+            words = shlex.split(line)
+            if words[1] == "storage":  # buckets have no zone
+                assert words[-1] == "--project=my-project" and ZONE not in words, line
+            else:
+                assert words[-2:] == [ZONE, "--project=my-project"], line
 
 
 def test_tpu_pod_install_ships_the_commit_and_pip_installs_on_every_worker():
@@ -101,8 +107,10 @@ def test_tpu_pod_install_ships_the_commit_and_pip_installs_on_every_worker():
 
 def test_tpu_pod_run_starts_the_job_on_all_workers_with_the_extra_arguments():
     placeholder = "--config.concept.placeholder=<my cat's>"  # spaces and quotes survive
-    lines = dry_run("tpu_pod.sh", "run", *POD, "--config", "configs/neti.py:sd15",
-                    "--workdir", "runs/cat/", "--", placeholder, "--config.train.steps=10")
+    # v4-8 is a single-host slice: its one worker may keep a local workdir.
+    lines = dry_run("tpu_pod.sh", "run", *POD, "--type", "v4-8", "--config",
+                    "configs/neti.py:sd15", "--workdir", "runs/cat/", "--", placeholder,
+                    "--config.train.steps=10")
     job = [".venv/bin/python", "-m", "spacetime_jax.main", "--config=configs/neti.py:sd15",
            "--workdir=runs/cat/", "--config.distributed.coordinator_address=auto", placeholder,
            "--config.train.steps=10"]
@@ -138,11 +146,160 @@ def test_tpu_pod_logs_fetch_and_delete():
                    ) == ["mkdir -p .", shlex.join([*TPU_VM, "scp", "--recurse",
                                                    "my-pod:/data/runs/cat", ".", "--worker=2",
                                                    ZONE])]
-    assert dry_run("tpu_pod.sh", "fetch", *POD, "--workdir", "gs://my-bucket/runs/cat",
-                   "--to", "results", "--project", "my-project") == [
-        "gcloud storage cp --recursive gs://my-bucket/runs/cat results --project=my-project"]
     assert dry_run("tpu_pod.sh", "delete", *POD) == [
         shlex.join([*TPU_VM, "delete", "my-pod", "--quiet", ZONE])]
+
+
+def job_command(line: str) -> list[str]:
+    """The job's words in a dry run's `tpu-vm ssh ... --command=...` line."""
+    command_flag, = [w for w in shlex.split(line) if w.startswith("--command=")]
+    words = shlex.split(command_flag.removeprefix("--command="))
+    return words[words.index("nohup") + 1:words.index(">")]
+
+
+@pytest.mark.parametrize("slice_args, workers, workdir, suggestion", [
+    (["--type", "v4-32"], 4, "runs/cat", "runs/cat"),
+    (["--type", "v5litepod-16"], 4, "./runs/cat/", "runs/cat"),
+    (["--type", "v6e-32"], 8, "runs/cat", "runs/cat"),
+    (["--type", "v4-16"], 2, "/data/runs/cat", "cat"),
+    (["--worker-count", "2"], 2, "~/runs/cat", "cat"),
+    (["--worker-count", "8", "--worker", "0,2-3"], 3, "runs/cat", "runs/cat"),
+    (["--type", "v2-8", "--worker-count", "4"], 4, "runs/cat", "runs/cat"),  # the count wins
+])
+def test_tpu_pod_run_refuses_a_local_workdir_on_several_workers(slice_args, workers, workdir,
+                                                                 suggestion):
+    result = launch("tpu_pod.sh", "run", *POD, "--config=c.py", f"--workdir={workdir}",
+                    *slice_args, "--dry-run")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"tpu_pod.sh: error: the {workers} pod-slice workers that would run the job do not "
+        f"share a disk, so --workdir {workdir} would be {workers} separate folders: use "
+        f"--workdir=gs://BUCKET/{suggestion} (or --shared-workdir if every worker mounts it)"]
+
+
+@pytest.mark.parametrize("slice_args", [
+    ["--type", "v4-32"], ["--worker-count", "16"], [],  # gs:// needs no worker count
+])
+def test_tpu_pod_run_passes_a_gs_workdir_to_every_worker_unchanged(slice_args):
+    workdir = "gs://my-bucket/runs/my cat/"
+    lines = dry_run("tpu_pod.sh", "run", *POD, "--config=configs/neti.py:sd15",
+                    f"--workdir={workdir}", *slice_args)
+    assert len(lines) == 1
+    assert shlex.split(lines[0])[:6] == [*TPU_VM, "ssh", "my-pod"]
+    assert "--worker=all" in shlex.split(lines[0])
+    assert job_command(lines[0])[3:5] == ["--config=configs/neti.py:sd15",
+                                          f"--workdir={workdir}"]
+    command_flag, = [w for w in shlex.split(lines[0]) if w.startswith("--command=")]
+    remote_words = shlex.split(command_flag.removeprefix("--command="))
+    assert remote_words[remote_words.index(">"):] == [">", "logs/my cat.log", "2>&1", "<",
+                                                       "/dev/null", "&"]
+
+
+@pytest.mark.parametrize("slice_args, workdir", [
+    (["--worker-count", "1"], "runs/cat"),
+    (["--type", "v4-8"], "runs/cat"),
+    (["--type", "v5litepod-8"], "/data/runs/cat"),
+    (["--type", "v4-32", "--worker", "2"], "runs/cat"),  # one worker of a larger slice
+    (["--worker", "0"], "runs/cat"),  # one worker: no count needed
+    (["--type", "v4-32", "--shared-workdir"], "/mnt/filestore/runs/cat"),
+])
+def test_tpu_pod_run_keeps_a_local_workdir_on_one_worker(slice_args, workdir):
+    lines = dry_run("tpu_pod.sh", "run", *POD, "--config=c.py", f"--workdir={workdir}",
+                    *slice_args)
+    assert len(lines) == 1
+    # Relative stays relative: the job resolves it on the worker, from ~/spacetime-jax.
+    assert job_command(lines[0])[4] == f"--workdir={workdir}"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "tpu_pod.sh: error: a dry run does not ask gcloud how many workers my-pod has, which "
+         "decides whether --workdir runs/cat can work: give --worker-count N or --type TYPE"),
+    (["--type", "tpu9-64"], "tpu_pod.sh: error: cannot tell how many workers a tpu9-64 slice "
+                            "has: give --worker-count N"),
+])
+def test_tpu_pod_run_dry_run_needs_the_worker_count_for_a_local_workdir(args, message):
+    result = launch("tpu_pod.sh", "run", *POD, "--config=c.py", "--workdir=runs/cat", *args,
+                    "--dry-run")
+    assert (result.returncode, result.stdout, result.stderr.splitlines()) == (2, "", [message])
+
+
+def fake_gcloud(folder: Path, workers: str) -> str:
+    """A PATH whose gcloud notes its arguments in folder/calls and, asked to describe a
+    slice, answers `workers`."""
+    gcloud = folder / "gcloud"
+    gcloud.write_text("#!/usr/bin/env bash\n"
+                      f'printf "%s\\n" "$*" >> {shlex.quote(str(folder / "calls"))}\n'
+                      f'[[ $4 == describe ]] && echo {shlex.quote(workers)}\n'
+                      "exit 0\n")
+    gcloud.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_tpu_pod_run_asks_gcloud_for_the_worker_count_and_sends_nothing_when_refused(
+        tmp_path):
+    path = fake_gcloud(tmp_path, "4")
+    result = launch("tpu_pod.sh", "run", *POD, "--config=c.py", "--workdir=runs/cat",
+                    env={"PATH": path})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1].startswith(
+        "tpu_pod.sh: error: the 4 pod-slice workers that would run the job do not share a disk")
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "compute tpus tpu-vm describe my-pod --format=value(networkEndpoints.len()) " + ZONE]
+
+
+def test_tpu_pod_run_on_a_single_host_slice_found_by_gcloud(tmp_path):
+    path = fake_gcloud(tmp_path, "1")
+    result = launch("tpu_pod.sh", "run", *POD, "--config=c.py", "--workdir=runs/cat",
+                    env={"PATH": path})
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and calls[1].startswith("compute tpus tpu-vm ssh my-pod --worker=all")
+
+
+def test_tpu_pod_run_refuses_when_gcloud_cannot_say(tmp_path):
+    path = fake_gcloud(tmp_path, "")
+    result = launch("tpu_pod.sh", "run", *POD, "--config=c.py", "--workdir=runs/cat",
+                    env={"PATH": path})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == (
+        "tpu_pod.sh: error: could not ask gcloud how many workers my-pod has: give "
+        "--worker-count N or --type TYPE")
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+def test_tpu_pod_logs_with_a_gs_workdir_shows_the_metrics_then_the_log():
+    assert dry_run("tpu_pod.sh", "logs", *POD, "--workdir", "gs://my-bucket/runs/cat/",
+                   "--worker", "1") == [
+        "gcloud storage cat gs://my-bucket/runs/cat/metrics.jsonl",
+        shlex.join([*TPU_VM, "ssh", "my-pod", "--worker=1",
+                    "--command=tail -n 100 -F spacetime-jax/logs/cat.log", ZONE])]
+    assert dry_run("tpu_pod.sh", "logs", *POD, "--workdir", "gs://my-bucket/runs/cat",
+                   "--metrics", "--project", "my-project") == [
+        "gcloud storage cat gs://my-bucket/runs/cat/metrics.jsonl --project=my-project"]
+
+
+def test_tpu_pod_logs_metrics_of_a_local_workdir_are_followed_on_the_worker():
+    assert dry_run("tpu_pod.sh", "logs", *POD, "--workdir", "runs/cat", "--metrics") == [
+        shlex.join([*TPU_VM, "ssh", "my-pod", "--worker=0",
+                    "--command=tail -n +1 -F spacetime-jax/runs/cat/metrics.jsonl", ZONE])]
+    # A home-relative path keeps its ~ outside the quotes, for the worker's shell.
+    assert dry_run("tpu_pod.sh", "logs", *POD, "--workdir", "~/runs/my cat", "--metrics") == [
+        shlex.join([*TPU_VM, "ssh", "my-pod", "--worker=0",
+                    "--command=tail -n +1 -F ~/'runs/my cat/metrics.jsonl'", ZONE])]
+
+
+def test_tpu_pod_fetch_from_gs_copies_the_outputs_but_not_the_checkpoints():
+    assert dry_run("tpu_pod.sh", "fetch", *POD, "--workdir", "gs://my-bucket/runs/cat/",
+                   "--to", "results", "--project", "my-project") == [
+        "mkdir -p results/cat",
+        shlex.join(["gcloud", "storage", "rsync", "--recursive",
+                    r"--exclude=^(checkpoints|cache|\.spacetime)/", "gs://my-bucket/runs/cat/",
+                    "results/cat", "--project=my-project"])]
+    assert dry_run("tpu_pod.sh", "fetch", *POD, "--workdir", "gs://my-bucket/runs/cat",
+                   "--checkpoints") == [
+        "mkdir -p ./cat",
+        shlex.join(["gcloud", "storage", "rsync", "--recursive",
+                    r"--exclude=^(cache|\.spacetime)/", "gs://my-bucket/runs/cat", "./cat"])]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -152,6 +309,15 @@ def test_tpu_pod_logs_fetch_and_delete():
     (["run", *POD, "--config", "configs/neti.py"], "--workdir is required"),
     (["run", *POD, "--config"], "--config needs a value"),
     (["fetch", *POD], "--workdir is required"),
+    (["run", *POD, "--config=c.py", "--workdir=gs://"], "--workdir gs:// names no bucket"),
+    (["fetch", *POD, "--workdir=gs:///runs"], "names no bucket"),
+    (["run", *POD, "--config=c.py", "--workdir=gs://b/w", "--worker=0;1"],
+     "--worker takes all, a worker index, or indices and ranges"),
+    (["run", *POD, "--config=c.py", "--workdir=w", "--worker=3-1"],
+     "--worker range 3-1 runs backwards"),
+    (["run", *POD, "--config=c.py", "--workdir=w", "--worker-count=0"],
+     "--worker-count must be a positive whole number"),
+    (["logs", *POD, "--workdir=w", "--worker=all"], "--worker takes one worker index for logs"),
     (["delete", *POD, "--", "--config.x=1"], "only run takes them"),
     (["create", *POD, "--size", "8"], "unknown option '--size'"),
     (["start", *POD], "unknown subcommand 'start'"),

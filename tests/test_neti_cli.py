@@ -30,9 +30,12 @@ from typing import Optional
 import numpy as np
 import pytest
 from PIL import Image
+from etils import epath
+from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import load_file
 
 from tests.cli_helpers import complete_steps, error_line
+from tests.gcs_emulator import forget_listings
 
 from spacetime_jax.toyworld.concepts import HELD_OUT_CONCEPTS, write_concept_images
 from spacetime_jax.visualize import LABEL_HEIGHT, MIN_TILE
@@ -82,6 +85,25 @@ def update(self, step, **metrics):
     return record
 progress.Progress.update = update
 """
+# Checkpoint {saved} is complete (every save waits for its write), then SIGKILL once step
+# {step} is logged: for a gs:// workdir, where no folder rename marks a finished save.
+KILL_AFTER_CHECKPOINT = """
+import os, signal
+from spacetime_jax.training import checkpoint, progress
+start_save = checkpoint.Checkpointer.save
+def save_and_wait(self, step, *args, **kwargs):
+    started = start_save(self, step, *args, **kwargs)
+    self.wait()
+    return started
+checkpoint.Checkpointer.save = save_and_wait
+log_step = progress.Progress.update
+def update(self, step, **metrics):
+    record = log_step(self, step, **metrics)
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+progress.Progress.update = update
+"""
 # Only the training step is compiled ahead of time (lower().compile()); its losses become NaN
 # from step {step} on, its state stays what the real step computed.
 NAN_LOSS_FROM = """
@@ -103,9 +125,10 @@ class Job:
     """One CLI run, started now and awaited later; output goes to files (no pipe to fill)."""
 
     def __init__(self, args: list[str], cache: Path, log_stem: Path,
-                 prelude: Optional[str] = None, nice: int = 0):
+                 prelude: Optional[str] = None, nice: int = 0,
+                 env: Optional[dict[str, str]] = None):
         entry = ["-c", prelude + RUN_MAIN] if prelude else ["-m", "spacetime_jax.main"]
-        env = dict(os.environ, SPACETIME_JAX_CACHE=str(cache))
+        env = dict(os.environ, SPACETIME_JAX_CACHE=str(cache), **(env or {}))
         self._stdout_path = log_stem.with_suffix(".out")
         self._stderr_path = log_stem.with_suffix(".err")
         with self._stdout_path.open("w") as out, self._stderr_path.open("w") as err:
@@ -243,10 +266,43 @@ def reference(reference_job) -> Path:
     return workdir
 
 
+@dataclasses.dataclass
+class GcsRun:
+    workdir: epath.Path  # gs://...
+    killed: subprocess.CompletedProcess
+    complete_after_kill: list[int]
+    finished: subprocess.CompletedProcess
+
+
+def kill_then_finish_on_gcs(workdir: epath.Path, images: str, cache: Path,
+                            logs: Path) -> GcsRun:
+    """Run (a)'s command on a gs:// workdir with gs:// images, killed after logging step 3
+    (checkpoint 2 complete), then rerun to the end."""
+    args = train_args(workdir, images)
+    killed = run_cli(args, cache, logs / "gcs_killed",
+                     prelude=KILL_AFTER_CHECKPOINT.format(step=3), nice=0)
+    after_kill = complete_steps(workdir)
+    finished = run_cli(args, cache, logs / "gcs_finished", nice=0)
+    return GcsRun(workdir, killed, after_kill, finished)
+
+
 @pytest.fixture(scope="module")
-def sample_job(reference, cache, logs, tmp_path_factory):
+def gcs_run(reference, gcs, images, cache, logs):
+    """Run (a) on GCS, in a thread beside the other tests: its images uploaded, its workdir a
+    bucket path, as on a pod."""
+    for path in sorted(images.glob("*.png")):
+        gcs.path(f"neti_cli/images/{path.name}").write_bytes(path.read_bytes())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(kill_then_finish_on_gcs, gcs.path("neti_cli/run"),
+                          gcs.uri("neti_cli/images"), cache, logs).result(timeout=3 * TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def sample_job(gcs_run, cache, logs, tmp_path_factory):
+    """Samples the concept that the GCS run wrote, from its gs:// folder."""
     out = tmp_path_factory.mktemp("samples")
-    job = Job(sample_args(out, reference / "concept"), cache, logs / "sample", nice=SIDE_NICE)
+    job = Job(sample_args(out, gcs_run.workdir / "concept"), cache, logs / "sample",
+              nice=SIDE_NICE)
     yield job, out
     job.kill()
 
@@ -345,6 +401,26 @@ def test_workdir_of_a_different_config_is_refused_and_left_untouched(reference, 
     assert complete_steps(reference) == [2, 4, 6]
 
 
+def test_resuming_on_another_device_count_is_refused_naming_both_topologies(reference,
+                                                                          cache, images,
+                                                                          logs):
+    # mesh.data=-1 takes every device: on 2 devices each concept's batch and the learning
+    # rate would double.
+    before = snapshot(reference)
+    job = Job(train_args(reference, images, {"train.steps": STEPS + 2}), cache,
+              logs / "two_devices", nice=SIDE_NICE,
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    result = job.wait()
+    assert result.returncode == 2
+    line = error_line(result)
+    assert (f"workdir {reference} was trained on 1 process(es) x 1 devices, mesh concept=1 "
+            "data=1 model=1, global batch 2, lr 0.002; this run has 1 process(es) x 2 "
+            "devices, mesh concept=1 data=2 model=1, global batch 4, lr 0.004: resuming "
+            "would change the global batch and the learning rate") in line
+    assert COMPILED_MARK not in result.stdout
+    assert snapshot(reference) == before
+
+
 # --- Sampling a trained concept.
 
 @pytest.mark.parametrize("prompts, truncations, message", [
@@ -421,6 +497,23 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(nan_job, refe
 
 
 # --- Resume after SIGKILL.
+
+def test_run_on_gcs_killed_after_a_checkpoint_resumes_to_the_local_result_bitwise(gcs_run,
+                                                                                   reference):
+    forget_listings()  # this process listed the checkpoints after the kill
+    assert gcs_run.killed.returncode == -signal.SIGKILL, gcs_run.killed.stderr
+    assert gcs_run.complete_after_kill == [2]
+    finished = gcs_run.finished
+    assert finished.returncode == 0, finished.stderr
+    assert f"resumed from step 2 in {gcs_run.workdir}" in finished.stdout
+    assert complete_steps(gcs_run.workdir) == [2, 4, 6]
+    assert_arrays_equal(saved_state(gcs_run.workdir, STEPS), saved_state(reference, STEPS))
+    read = lambda workdir: load_safetensors((workdir / "concept" / "mapper.safetensors")
+                                            .read_bytes())
+    assert_arrays_equal(read(gcs_run.workdir), read(reference))
+    assert logged_steps(gcs_run.workdir) == list(range(1, STEPS + 1))
+
+
 
 def test_run_killed_twice_resumes_to_the_uninterrupted_result_bitwise(interrupted_run,
                                                                        reference):

@@ -23,7 +23,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         width=32, text_layers=2, heads=2, vision_width=32, vision_layers=2, patch_size=8,
         image_size=64, projection_dim=32, batch_size=32, steps=STEPS, learning_rate=2e-3,
-        warmup_steps=5, weight_decay=0.1, seed=0))
+        warmup_steps=5, weight_decay=0.1, seed=0, checkpoint_every=200))
 
 
 @pytest.fixture(scope="module")

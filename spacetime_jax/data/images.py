@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 from spacetime_jax.errors import UserError
+from spacetime_jax.paths import as_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Transparent pixels become this colour. White, not PIL's `.convert("RGB")`, which simply drops
@@ -37,7 +38,7 @@ class ImageError(UserError):
 
 class ImageListing(NamedTuple):
     """The image files of a concept folder (sorted) and the other entries it ignored."""
-    paths: list[Path]
+    paths: list[epath.Path]
     ignored: list[str]
 
 
@@ -56,13 +57,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """One image file -> uint8 array (resolution, resolution, 3), RGB as displayed.
+    """One image file (local or gs://) -> uint8 array (resolution, resolution, 3), RGB as
+    displayed.
 
     Raises ImageError naming the file when it is not an image, is truncated or cannot be
     converted.
     """
+    path = as_path(path)
     try:
-        with Image.open(path) as img:
+        with path.open("rb") as f, Image.open(f) as img:
             # Decode every byte now: PIL opens lazily, and a truncated file would otherwise
             # fail later, far from its name, or not at all where only the header is read.
             img.load()
@@ -76,7 +79,7 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def _is_image_file(entry: Path) -> bool:
+def _is_image_file(entry: epath.Path) -> bool:
     return entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
 
 
@@ -86,7 +89,7 @@ def find_image_files(folder: str | os.PathLike) -> ImageListing:
     Hidden entries (`.DS_Store`, macOS's `._photo.jpg` resource forks) are skipped without
     mention; other non-image entries are returned in `ignored` so a caller can show them.
     """
-    folder = Path(folder)
+    folder = as_path(folder)
     if not folder.exists():
         raise ImageError(f"image folder {folder} does not exist")
     if not folder.is_dir():
@@ -102,7 +105,7 @@ def find_image_files(folder: str | os.PathLike) -> ImageListing:
 
 
 def load_concept_images(folder: str | os.PathLike,
-                        resolution: int) -> tuple[np.ndarray, list[Path]]:
+                        resolution: int) -> tuple[np.ndarray, list[epath.Path]]:
     """Every image of a concept folder -> (uint8 (N, resolution, resolution, 3), paths).
 
     Order is sorted by file name, the same on every machine. One unreadable image stops the

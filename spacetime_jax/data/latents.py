@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import zipfile
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from spacetime_jax.data.images import hflip
 from spacetime_jax.errors import UserError
 from spacetime_jax.models import vae as vae_lib
+from spacetime_jax.paths import as_path, write_atomic
 
 CACHE_NAME = "latent_moments.npz"
 # Bump when what the cache holds or how it is computed changes: old caches then recompute.
@@ -91,12 +93,12 @@ def moments_fingerprint(images: np.ndarray, model_id: str, vae: vae_lib.Autoenco
     return digest.hexdigest()
 
 
-def _read_cache(path: Path, fingerprint: str) -> LatentMoments | None:
+def _read_cache(path: epath.Path, fingerprint: str) -> LatentMoments | None:
     """The cached moments if `path` holds them for `fingerprint`; None otherwise."""
     if not path.is_file():
         return None
     try:
-        with np.load(path) as cached:
+        with np.load(io.BytesIO(path.read_bytes())) as cached:
             if str(cached["fingerprint"]) != fingerprint:
                 _log.info("%s was computed for other images or another model: recomputing",
                           path)
@@ -107,24 +109,22 @@ def _read_cache(path: Path, fingerprint: str) -> LatentMoments | None:
         return None
 
 
-def _write_cache(path: Path, fingerprint: str, moments: LatentMoments) -> None:
-    # Write beside, then rename: a run killed mid-write never leaves a half file that a
-    # resumed run would trust.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        np.savez(f, fingerprint=np.str_(fingerprint), mean=moments.mean, logvar=moments.logvar)
-    os.replace(partial, path)
+def _write_cache(path: epath.Path, fingerprint: str, moments: LatentMoments) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprint=np.str_(fingerprint), mean=moments.mean, logvar=moments.logvar)
+    # Atomic: a run killed mid-write never leaves a half file that a resumed run would trust.
+    write_atomic(path, buffer.getvalue())
 
 
 def concept_latent_cache(workdir: str | os.PathLike, vae: vae_lib.AutoencoderKL,
                          vae_params: Any, images: np.ndarray, model_id: str) -> LatentMoments:
     """Moments of every image and of its horizontal flip: 2N rows, originals then flips.
 
-    Read from `workdir/latent_moments.npz` when it was computed from the same pixels, model
-    id, VAE config, weights and compute dtype; computed and written otherwise.
+    Read from `workdir/latent_moments.npz` (workdir local or gs://) when it was computed from
+    the same pixels, model id, VAE config, weights and compute dtype; computed and written
+    otherwise.
     """
-    path = Path(workdir) / CACHE_NAME
+    path = as_path(workdir) / CACHE_NAME
     fingerprint = moments_fingerprint(images, model_id, vae, vae_params)
     cached = _read_cache(path, fingerprint)
     if cached is not None:

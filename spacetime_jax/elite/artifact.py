@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import traverse_util
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from spacetime_jax.elite.encoder import EncoderConfig, mapper_param_shapes
 from spacetime_jax.elite.params import differing_paths
 from spacetime_jax.errors import UserError
+from spacetime_jax.paths import as_path, write_atomic
 
 ARTIFACT_VERSION = 1
 CONFIG_FILE = "encoder.json"
@@ -50,7 +52,7 @@ def image_encoder_source(artifact: EncoderArtifact) -> str:
     if artifact.image_encoder is not None:
         return artifact.image_encoder
     from spacetime_jax.models.builtin import resolve_builtin
-    return str(Path(resolve_builtin(artifact.base_model)) / "image_encoder")
+    return str(as_path(resolve_builtin(artifact.base_model)) / "image_encoder")
 
 
 def _check_stage(params: Any, config: EncoderConfig, stage: str, where: str) -> None:
@@ -75,20 +77,21 @@ def _check_stage(params: Any, config: EncoderConfig, stage: str, where: str) -> 
                         f"{'none found' if not kv_paths else f'unexpected: {bad[:6]}'}")
 
 
-def _write_stage(path: Path, params: dict) -> None:
+def _write_stage(path: epath.Path, params: dict) -> None:
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     # Contiguous: safetensors writes an array's buffer as is, so a transposed view (an
     # imported PyTorch weight) would be saved untransposed.
-    save_file({key: np.ascontiguousarray(value, np.float32) for key, value in flat.items()},
-              str(path))
+    write_atomic(path, safetensors.numpy.save(
+        {key: np.ascontiguousarray(value, np.float32) for key, value in flat.items()}))
 
 
-def save_encoder(folder: str | Path, encoder_config: EncoderConfig, global_params: dict,
+def save_encoder(folder: str | os.PathLike, encoder_config: EncoderConfig, global_params: dict,
                  local_params: Optional[dict], base_model: str, extra: Optional[dict] = None,
-                 *, image_encoder: Optional[str] = None) -> Path:
-    """Writes the encoder folder (see the module docstring); encoder.json is written last, so a
-    folder with it is complete. extra: JSON-serializable facts (train config, provenance)."""
-    folder = Path(folder)
+                 *, image_encoder: Optional[str] = None) -> epath.Path:
+    """Writes the encoder folder, local or gs:// (see the module docstring); encoder.json is
+    written last, so a folder with it is complete. extra: JSON-serializable facts (train
+    config, provenance)."""
+    folder = as_path(folder)
     where = f"ELITE encoder {folder}"
     _check_stage(global_params, encoder_config, "global", where)
     if local_params is not None:
@@ -107,16 +110,16 @@ def save_encoder(folder: str | Path, encoder_config: EncoderConfig, global_param
         "has_local": local_params is not None,
         "extra": extra or {},
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
 
 
-def _read_stage(path: Path, config: EncoderConfig, stage: str, where: str) -> dict:
+def _read_stage(path: epath.Path, config: EncoderConfig, stage: str, where: str) -> dict:
     if not path.is_file():
         raise UserError(f"{where}: {path.name} is missing (encoder.json says it is there); "
                         f"rewrite the folder")
     try:
-        flat = load_file(str(path))
+        flat = safetensors.numpy.load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{where}: {path.name} is not a readable safetensors file "
                         f"({err})") from None
@@ -125,9 +128,10 @@ def _read_stage(path: Path, config: EncoderConfig, stage: str, where: str) -> di
     return params
 
 
-def load_encoder(folder: str | Path) -> EncoderArtifact:
-    """Reads an encoder folder written by save_encoder; UserError on a missing or corrupt one."""
-    folder = Path(folder)
+def load_encoder(folder: str | os.PathLike) -> EncoderArtifact:
+    """Reads an encoder folder written by save_encoder (local or gs://); UserError on a missing
+    or corrupt one."""
+    folder = as_path(folder)
     where = f"ELITE encoder {folder}"
     meta_path = folder / CONFIG_FILE
     if not folder.is_dir():

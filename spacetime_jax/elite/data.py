@@ -1,7 +1,8 @@
-"""ELITE's object-crop data set: a tensorflow-datasets builder over a local OpenImages-style folder.
+"""ELITE's object-crop data set: a tensorflow-datasets builder over an OpenImages-style folder.
 
-The source folder (tfds' manual dir; nothing is downloaded) holds one folder per split, and
-every such folder becomes a tfds split under its own name (train, validation, test, any name):
+The source folder (tfds' manual dir, local or gs://; nothing is downloaded) holds one folder per
+split, and every such folder becomes a tfds split under its own name (train, validation, test,
+any name):
 
   ROOT/<split>/images/<ImageID>.jpg|.jpeg|.png
   ROOT/<split>/masks/<ImageID>_<LabelName>_<BoxID>.png    one file per object
@@ -35,10 +36,12 @@ exceeds `max_bad_fraction` stops the build (nothing is ever replaced by a blank)
 count}}) and the unreadable count ("unreadable"), and the source folder ("source").
 
 Configs are runtime objects (`ObjectCropsConfig(...)`, or `toyworld_config` for the toy world);
-a data_dir holds one build per config name, so use one data_dir per source folder.
+a data_dir holds one build per config name, so use one data_dir per source folder. A gs://
+data_dir is read through a local copy (array_record opens local files only).
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import hashlib
@@ -47,14 +50,17 @@ import logging
 import math
 import os
 import re
-from pathlib import Path
+import shutil
+import tempfile
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image, ImageOps
 
 from spacetime_jax.errors import UserError
+from spacetime_jax.paths import as_path, copy_tree, is_remote, resolve
 
 DATASET_NAME = "elite_object_crops"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -152,12 +158,12 @@ class Box(NamedTuple):
 class SplitSource(NamedTuple):
     """What a split folder holds: image paths by ImageID, sorted mask paths, CSV boxes."""
     name: str
-    images: dict[str, Path]
-    masks: list[Path]
+    images: dict[str, epath.Path]
+    masks: list[epath.Path]
     csv_boxes: dict[str, Box]  # by mask file name; fractions of the image side
 
 
-def parse_mask_name(path: Path) -> MaskName:
+def parse_mask_name(path: epath.Path) -> MaskName:
     """<ImageID>_<LabelName>_<BoxID>.png -> its parts (the label may hold underscores)."""
     image_id, _, rest = path.stem.partition("_")
     label, _, box_id = rest.rpartition("_")
@@ -167,8 +173,9 @@ def parse_mask_name(path: Path) -> MaskName:
     return MaskName(image_id, label, box_id)
 
 
-def find_split_dirs(root: Path) -> list[Path]:
+def find_split_dirs(root: str | os.PathLike) -> list[epath.Path]:
     """The split folders of ROOT in name order; a UserError when there are none."""
+    root = as_path(root)
     if not root.is_dir():
         raise UserError(f"object data folder {root} does not exist; expected layout: {LAYOUT}")
     splits = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -182,33 +189,34 @@ def find_split_dirs(root: Path) -> list[Path]:
     return splits
 
 
-def _files_with_suffix(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def _files_with_suffix(folder: epath.Path, suffixes: tuple[str, ...]) -> list[epath.Path]:
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith("."))
 
 
-def read_csv_boxes(path: Path) -> dict[str, Box]:
+def read_csv_boxes(path: str | os.PathLike) -> dict[str, Box]:
     """boxes.csv -> {mask file name: Box in fractions of the image side}."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise UserError(f"{path} lacks the columns {', '.join(missing)}; expected "
-                            f"OpenImages' segmentation columns {','.join(BOX_COLUMNS)}")
-        boxes = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                box = Box(float(row["BoxXMin"]), float(row["BoxYMin"]), float(row["BoxXMax"]),
-                          float(row["BoxYMax"]))
-            except (TypeError, ValueError) as err:
-                raise UserError(f"{path} line {line}: box coordinates must be numbers "
-                                f"({err})") from err
-            boxes[Path(row["MaskPath"]).name] = box
+    path = as_path(path)
+    reader = csv.DictReader(io.StringIO(path.read_text(), newline=""))
+    missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise UserError(f"{path} lacks the columns {', '.join(missing)}; expected "
+                        f"OpenImages' segmentation columns {','.join(BOX_COLUMNS)}")
+    boxes = {}
+    for line, row in enumerate(reader, start=2):
+        try:
+            box = Box(float(row["BoxXMin"]), float(row["BoxYMin"]), float(row["BoxXMax"]),
+                      float(row["BoxYMax"]))
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{path} line {line}: box coordinates must be numbers "
+                            f"({err})") from err
+        boxes[row["MaskPath"].rsplit("/", 1)[-1]] = box
     return boxes
 
 
-def list_split(split_dir: Path) -> SplitSource:
+def list_split(split_dir: str | os.PathLike) -> SplitSource:
     """A split folder's images, masks and CSV boxes; a UserError naming what is missing."""
+    split_dir = as_path(split_dir)
     for sub, files in (("images", "<ImageID>.jpg|.png"),
                        ("masks", "<ImageID>_<LabelName>_<BoxID>.png")):
         if not (split_dir / sub).is_dir():
@@ -235,24 +243,24 @@ def list_split(split_dir: Path) -> SplitSource:
 # ------------------------------------------------------------------------- one object's crop
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: epath.Path) -> np.ndarray:
     """uint8 (H, W, 3) RGB as displayed (EXIF orientation applied). Raises OSError/ValueError
     types on unreadable files: every byte is decoded here, not lazily later."""
-    with Image.open(path) as img:
+    with path.open("rb") as f, Image.open(f) as img:
         img.load()
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), np.uint8)
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: epath.Path) -> np.ndarray:
     """bool (H, W): the object where the mask is nonzero (in any channel)."""
-    with Image.open(path) as img:
+    with path.open("rb") as f, Image.open(f) as img:
         img.load()
         pixels = np.asarray(img)
     return pixels.any(axis=-1) if pixels.ndim == 3 else pixels != 0
 
 
-def fit_mask_to_image(mask: np.ndarray, mask_path: Path, image_shape: tuple[int, int],
-                      image_path: Path) -> np.ndarray:
+def fit_mask_to_image(mask: np.ndarray, mask_path: epath.Path, image_shape: tuple[int, int],
+                      image_path: epath.Path) -> np.ndarray:
     """The mask at the image's size: resized (nearest) when only the resolution differs."""
     if mask.shape == image_shape:
         return mask
@@ -332,7 +340,7 @@ class _ImageCache:
     def __init__(self):
         self._path, self._pixels, self._error = None, None, None
 
-    def get(self, path: Path) -> np.ndarray:
+    def get(self, path: epath.Path) -> np.ndarray:
         if path != self._path:
             self._path, self._pixels, self._error = path, None, None
             try:
@@ -345,13 +353,13 @@ class _ImageCache:
 
 
 class ObjectCrops(tfds.core.GeneratorBasedBuilder):
-    """Object crops and masks from a local OpenImages-style folder (see the module docstring)."""
+    """Object crops and masks from an OpenImages-style folder (see the module docstring)."""
 
     name = DATASET_NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIG_CLASS = ObjectCropsConfig
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Pass a local folder laid out as {LAYOUT} as the manual dir."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Pass a folder laid out as {LAYOUT} as the manual dir."
 
     def __init__(self, *, config: Optional[ObjectCropsConfig] = None, **kwargs):
         # No pre-registered configs: tfds refuses a config object that is not the registered
@@ -374,7 +382,7 @@ class ObjectCrops(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        root = Path(os.fspath(dl_manager.manual_dir))
+        root = as_path(dl_manager.manual_dir)
         sources = [list_split(d) for d in find_split_dirs(root)]
         self.info.metadata["source"] = str(root)
         self.info.metadata["dropped"] = {}
@@ -444,23 +452,68 @@ def _check_split_outcome(source: SplitSource, config: ObjectCropsConfig, kept: i
 
 def _prepared_builder(root: str | os.PathLike, config: ObjectCropsConfig,
                       data_dir: str | os.PathLike) -> ObjectCrops:
-    root = Path(root).resolve()
-    builder = ObjectCrops(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    root = as_path(resolve(root))
+    local_dir = (_local_copy(root, config, as_path(data_dir)) if is_remote(data_dir)
+                 else os.fspath(data_dir))
+    builder = ObjectCrops(config=config, data_dir=local_dir, file_format="array_record")
     if builder.is_prepared():
-        return _warn_if_built_elsewhere(builder, root)
-    find_split_dirs(root)  # a clear error before tfds' own about a missing manual dir
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root),
-                                                     try_download_gcs=False))
+        return _warn_if_built_elsewhere(builder, root, data_dir)
+    _build(builder, root)
     return builder
 
 
-def _warn_if_built_elsewhere(builder: ObjectCrops, root: Path) -> ObjectCrops:
+def _build(builder: ObjectCrops, root: epath.Path) -> None:
+    find_split_dirs(root)  # a clear error before tfds' own about a missing manual dir
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root),
+                                                     try_download_gcs=False))
+
+
+# array_record files are written and read through local file descriptors only, so a gs://
+# data_dir is used through a local copy: built here and uploaded when the bucket lacks it, else
+# downloaded; once per process and build, removed at exit.
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def _local_copy(root: epath.Path, config: ObjectCropsConfig, data_dir: epath.Path) -> str:
+    """A local data_dir holding the build of `config` that `data_dir` (gs://) holds."""
+    variant = f"{DATASET_NAME}/{config.name}/{ObjectCrops.VERSION}"
+    remote = data_dir / variant
+    if str(remote) not in _LOCAL_COPIES:
+        local_dir = tempfile.mkdtemp(prefix="spacetime-jax-tfds-")
+        atexit.register(shutil.rmtree, local_dir, ignore_errors=True)
+        if ObjectCrops(config=config, data_dir=str(data_dir)).is_prepared():
+            copy_tree(remote, as_path(local_dir) / variant)
+        else:
+            _build(ObjectCrops(config=config, data_dir=local_dir, file_format="array_record"),
+                   root)
+            _upload(as_path(local_dir) / variant, remote)
+        _LOCAL_COPIES[str(remote)] = local_dir
+    return _LOCAL_COPIES[str(remote)]
+
+
+def _upload(local_variant: epath.Path, remote: epath.Path) -> None:
+    """Copies a built variant folder; tfds sees a variant as built once it has both of these
+    files, so they go last (a killed upload leaves a folder that is rebuilt, not trusted)."""
+    last = ("features.json", "dataset_info.json")
+    entries = sorted(local_variant.iterdir(),
+                     key=lambda e: last.index(e.name) if e.name in last else -1)
+    remote.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        if entry.is_dir():
+            copy_tree(entry, remote / entry.name)
+        else:
+            (remote / entry.name).write_bytes(entry.read_bytes())
+
+
+def _warn_if_built_elsewhere(builder: ObjectCrops, root: epath.Path,
+                             data_dir: str | os.PathLike) -> ObjectCrops:
     built_from = builder.info.metadata.get("source")
     if built_from != str(root):
+        shown = as_path(data_dir) if is_remote(data_dir) else builder.data_dir
         _log.warning("%s was built from %s, not %s: delete it or use another data_dir to "
-                     "rebuild", builder.data_dir, built_from, root)
+                     "rebuild", shown, built_from, root)
     return builder
 
 

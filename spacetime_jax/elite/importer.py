@@ -18,18 +18,21 @@ CLI (writes the encoder folder that personalization reads, see artifact.py):
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import io
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from spacetime_jax.elite.encoder import (DENSE_INDICES, NORM_INDICES, EncoderConfig,
                                          encoder_config_for, mapper_param_shapes)
 from spacetime_jax.elite.params import LOCAL_NAMES, cross_attention_kernel_paths
 from spacetime_jax.errors import UserError, exit_with
+from spacetime_jax.paths import as_path, is_remote
 
 REFERENCE_IMAGE_ENCODER = "openai/clip-vit-large-patch14"  # the reference's CLIP tower
 # Our projection name -> the reference's (its local file calls the local ones to_k / to_v).
@@ -160,11 +163,13 @@ def _torch():
     return torch
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, np.ndarray]:
-    """A torch.save'd state dict -> name -> float32 numpy array (no code is unpickled)."""
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A torch.save'd state dict (local or gs://) -> name -> float32 numpy array (no code is
+    unpickled)."""
     torch = _torch()
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(as_path(path).read_bytes()), map_location="cpu",
+                           weights_only=True)
     except FileNotFoundError:
         raise UserError(f"ELITE checkpoint not found: {path}") from None
     except Exception as err:  # torch raises many kinds for a file that is not its own
@@ -187,18 +192,19 @@ def unet_param_shapes(unet_config) -> dict:
         jax.ShapeDtypeStruct((1, 1, unet_config.cross_attention_dim), jnp.float32))["params"]
 
 
-def read_vision_config(name_or_path: str | Path):
-    """A CLIP vision tower's config from its folder or hub id (config.json only, no weights)."""
+def read_vision_config(name_or_path: str | os.PathLike):
+    """A CLIP vision tower's config from its folder (local or gs://) or hub id (config.json
+    only, no weights)."""
     from spacetime_jax.models.clip_vision import CLIPVisionConfig
     from spacetime_jax.models.pretrained import ModelLoadError, read_json
 
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
+    folder = as_path(name_or_path).expanduser()
+    if is_remote(folder) or folder.is_dir():
         config_path = folder / "config.json"
     else:
         try:
             from huggingface_hub import hf_hub_download
-            config_path = Path(hf_hub_download(str(name_or_path), "config.json"))
+            config_path = as_path(hf_hub_download(str(name_or_path), "config.json"))
         except Exception as err:  # network, auth, missing cache
             raise ModelLoadError(
                 f"could not read the image encoder config of {name_or_path!r}: "
@@ -222,7 +228,7 @@ def _parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def import_to_artifact(global_mapper: str, model: str, out: str,
                        local_mapper: Optional[str] = None,
                        image_encoder: Optional[str] = None,
-                       feature_layers: Optional[Sequence[int]] = None) -> Path:
+                       feature_layers: Optional[Sequence[int]] = None) -> epath.Path:
     """Official checkpoints -> the encoder folder at `out` (see artifact.save_encoder).
 
     image_encoder None: MODEL's image_encoder/ folder when it has one (recorded as None,

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from PIL import Image, ImageOps
 
@@ -35,8 +36,9 @@ from spacetime_jax.elite.params import (LOCAL_NAMES, cross_attention_kernel_path
 from spacetime_jax.elite.sample import (EliteModel, EncoderParams, check_lambda, encode_images,
                                         generate, load_model)
 from spacetime_jax.errors import UserError
+from spacetime_jax.paths import as_path
 from spacetime_jax.pipelines.sample_job import compute_dtype
-from spacetime_jax.visualize import save_grid
+from spacetime_jax.visualize import save_grid, save_png
 
 WORKING_SIZE = 512
 DEFAULT_PLACEHOLDER = "S"  # any single token works: the words replace it
@@ -50,8 +52,8 @@ SUMMARY_FILE = "summary.json"
 @dataclasses.dataclass(frozen=True)
 class Subject:
     """One input image, read and checked."""
-    path: Path
-    mask_path: Optional[Path]          # None: the whole image is the object
+    path: epath.Path
+    mask_path: Optional[epath.Path]    # None: the whole image is the object
     image: np.ndarray                  # uint8 (WORKING_SIZE, WORKING_SIZE, 3)
     mask: np.ndarray                   # float32 (WORKING_SIZE, WORKING_SIZE, 1) in {0, 1}
 
@@ -123,9 +125,9 @@ def check_settings(config) -> None:
     compute_dtype(config.compute_dtype)
 
 
-def encoder_folder(path: str) -> Path:
-    """A training workdir (its encoder/) or an encoder folder."""
-    folder = Path(path).expanduser()
+def encoder_folder(path: str | os.PathLike) -> epath.Path:
+    """A training workdir (its encoder/) or an encoder folder, local or gs://."""
+    folder = as_path(path).expanduser()
     if (folder / ENCODER_DIR / "encoder.json").is_file():
         return folder / ENCODER_DIR
     return folder
@@ -144,9 +146,9 @@ def local_scales(config, artifact: EncoderArtifact) -> list[Optional[float]]:
 # ---------------------------------------------------------------------------------------
 # Images and masks.
 
-def image_paths(images: str) -> list[Path]:
-    """One image file, or the image files of a folder (sorted by name)."""
-    path = Path(images).expanduser()
+def image_paths(images: str | os.PathLike) -> list[epath.Path]:
+    """One image file, or the image files of a folder (sorted by name); local or gs://."""
+    path = as_path(images).expanduser()
     if not path.exists():
         raise UserError(f"images {path} does not exist (give an image file or a folder of them)")
     if path.is_file():
@@ -154,7 +156,7 @@ def image_paths(images: str) -> list[Path]:
     listing = find_image_files(path)
     if listing.ignored:
         print(f"ignored in {path} (not images): {', '.join(listing.ignored)}", flush=True)
-    by_stem: dict[str, Path] = {}
+    by_stem: dict[str, epath.Path] = {}
     for p in listing.paths:
         if p.stem in by_stem:
             raise UserError(f"images {by_stem[p.stem].name} and {p.name} in {path} share the "
@@ -163,12 +165,13 @@ def image_paths(images: str) -> list[Path]:
     return listing.paths
 
 
-def mask_paths(masks: str, images: Sequence[Path]) -> list[Optional[Path]]:
+def mask_paths(masks: str | os.PathLike,
+               images: Sequence[epath.Path]) -> list[Optional[epath.Path]]:
     """Each image's mask: none, the one mask file, or the file of the masks folder with the
     image's stem."""
     if not masks:
         return [None] * len(images)
-    path = Path(masks).expanduser()
+    path = as_path(masks).expanduser()
     if not path.exists():
         raise UserError(f"masks {path} does not exist (give a mask file, a folder of masks "
                         "named like the images, or leave masks empty to use whole images)")
@@ -177,7 +180,7 @@ def mask_paths(masks: str, images: Sequence[Path]) -> list[Optional[Path]]:
             raise UserError(f"masks {path} is one file for {len(images)} images: give a folder "
                             "with one mask per image, named like the image (cat.jpg <- cat.png)")
         return [path]
-    by_stem: dict[str, Path] = {}
+    by_stem: dict[str, epath.Path] = {}
     for p in find_image_files(path).paths:
         if p.stem in by_stem:
             raise UserError(f"masks {by_stem[p.stem].name} and {p.name} in {path} are both "
@@ -186,22 +189,22 @@ def mask_paths(masks: str, images: Sequence[Path]) -> list[Optional[Path]]:
     missing = [image.name for image in images if image.stem not in by_stem]
     if missing:
         raise UserError(f"no mask in {path} for {', '.join(missing)}: each image needs a mask "
-                        f"with its name (e.g. {Path(missing[0]).stem}.png)")
+                        f"with its name (e.g. {as_path(missing[0]).stem}.png)")
     return [by_stem[image.stem] for image in images]
 
 
-def upright_size(path: Path) -> tuple[int, int]:
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5..8 swap the sides. Reads the header."""
-    with Image.open(path) as img:
+    with as_path(path).open("rb") as f, Image.open(f) as img:
         width, height = img.size
         orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask file -> bool (H, W) upright: white (> 127) is the object; a 0/1 label map's 1s."""
     try:
-        with Image.open(path) as img:
+        with as_path(path).open("rb") as f, Image.open(f) as img:
             img.load()  # decode every byte now, so a truncated file fails here with its name
             gray = np.asarray(ImageOps.exif_transpose(img).convert("L"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -210,8 +213,8 @@ def read_mask(path: Path) -> np.ndarray:
     return gray >= 1 if gray.max() <= 1 else gray > 127
 
 
-def fit_mask(mask: np.ndarray, mask_path: Path, image_path: Path, image_size: tuple[int, int],
-             size: int) -> np.ndarray:
+def fit_mask(mask: np.ndarray, mask_path: epath.Path, image_path: epath.Path,
+             image_size: tuple[int, int], size: int) -> np.ndarray:
     """The mask on the image's (size, size) square: float32 (size, size, 1) in {0, 1}."""
     mask_height, mask_width = mask.shape
     width, height = image_size
@@ -342,7 +345,7 @@ def row_file(subject: Subject, row: Row) -> str:
 
 def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[Subject],
                   rows: Sequence[Row], words, tokens, prompts: Sequence[str], config,
-                  token_index: Optional[int], workdir: Path) -> dict[Row, np.ndarray]:
+                  token_index: Optional[int], workdir: epath.Path) -> dict[Row, np.ndarray]:
     """Every row drawn in batches of config.batch_size; each image is written as it comes."""
     images = np.stack([s.image for s in subjects])
     masks = np.stack([s.mask for s in subjects])
@@ -361,9 +364,7 @@ def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[S
                          tokens=None if tokens is None else tokens[index])
         for row, image in zip(batch, drawn):
             out[row] = image
-            path = workdir / row_file(subjects[row.image], row)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
+            save_png(workdir / row_file(subjects[row.image], row), image)
         scale = "global words" if batch[0].scale is None else f"lambda {batch[0].scale:g}"
         compiled = " (compilation included)" if number == 1 else ""
         print(f"batch {number}/{len(planned)}: {len(batch)} images ({scale}) in "
@@ -374,9 +375,9 @@ def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[S
 # ---------------------------------------------------------------------------------------
 # Outputs.
 
-def write_grid(workdir: Path, subject: Subject, index: int, drawn: dict[Row, np.ndarray],
-               prompts: Sequence[str], seeds: Sequence[int],
-               scales: Sequence[Optional[float]]) -> Path:
+def write_grid(workdir: epath.Path, subject: Subject, index: int,
+               drawn: dict[Row, np.ndarray], prompts: Sequence[str], seeds: Sequence[int],
+               scales: Sequence[Optional[float]]) -> epath.Path:
     """Rows: prompts; columns: the input image, then each seed x lambda."""
     first = next(iter(drawn.values()))
     resolution = first.shape[0]
@@ -393,8 +394,8 @@ def write_grid(workdir: Path, subject: Subject, index: int, drawn: dict[Row, np.
                      cols=len(labels), row_labels=list(prompts), col_labels=labels)
 
 
-def run(config, workdir: str) -> None:
-    workdir = Path(workdir)
+def run(config, workdir: str | os.PathLike) -> None:
+    workdir = as_path(workdir)
     check_settings(config)
     folder = encoder_folder(config.encoder)
     artifact = load_encoder(folder)

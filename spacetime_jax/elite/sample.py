@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import flax
@@ -29,6 +28,7 @@ from spacetime_jax.models.pretrained import load_clip_vision, load_stable_diffus
 from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.models.clip_vision import clip_preprocess
 from spacetime_jax.models.tokenizer import tokenize
+from spacetime_jax.paths import as_path
 from spacetime_jax.pipelines.text_to_image import initial_noise, latent_shape, to_uint8
 
 
@@ -177,7 +177,7 @@ def generate(model: EliteModel, params: EncoderParams, images: np.ndarray, masks
 def image_encoder_path(config) -> str:
     if config.image_encoder:
         return resolve_builtin(config.image_encoder)
-    folder = Path(resolve_builtin(config.model)) / "image_encoder"
+    folder = as_path(resolve_builtin(config.model)) / "image_encoder"
     if not folder.is_dir():
         raise UserError(f"image_encoder is empty and {config.model} has no image_encoder/ "
                         "folder: set --config.image_encoder to a CLIP vision model (e.g. "

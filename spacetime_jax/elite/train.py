@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import signal
+import os
+import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from spacetime_jax.elite import pipeline
 from spacetime_jax.elite.artifact import ENCODER_DIR, load_encoder, save_encoder
 from spacetime_jax.elite.conditioning import format_prompts
-from spacetime_jax.elite.data import ObjectCropsConfig, open_object_crops
+from spacetime_jax.elite.data import (ObjectCrops, ObjectCropsConfig, build_object_crops,
+                                      open_object_crops)
 from spacetime_jax.elite.encoder import init_mapper_params
 from spacetime_jax.elite.params import cross_attention_kv, local_kv_init
 from spacetime_jax.elite.sample import EliteModel, EncoderParams, generate, load_model
@@ -36,16 +37,20 @@ from spacetime_jax.models.builtin import cache_dir
 from spacetime_jax.models.pretrained import model_summary
 from spacetime_jax.diffusion.schedules import ddpm_schedule
 from spacetime_jax.parallel import sharding
-from spacetime_jax.parallel.mesh import make_mesh, maybe_initialize_distributed
-from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
-from spacetime_jax.training.preemption import StopSignal
-from spacetime_jax.training.progress import Progress, truncate_metrics
+from spacetime_jax.parallel.mesh import make_mesh, topology
+from spacetime_jax.parallel.multihost import (build_once, is_lead, lead_print,
+                                              put_process_rows, to_host)
+from spacetime_jax.paths import PathLike, as_path, is_remote
+from spacetime_jax.training.checkpoint import check_compatible
+from spacetime_jax.training.loop import LoopSettings, TrainingLoop
 from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
+# The batch is global (train.batch_size over all devices) and the learning rate does not
+# scale with devices, so the mesh and the processes may change on resume.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation",
-                  "data.prefetch", "data.prefetch_workers")
-PREEMPTED_STATUS = 128 + signal.SIGTERM
+                  "data.prefetch", "data.prefetch_workers", "mesh", "distributed")
+NONFINITE_HINT = "Lower train.learning_rate or check the data"
 TOYWORLD_OBJECTS = "builtin:toyworld_objects"
 # The toy-world object set written on first use: enough objects that a few hundred steps of
 # batch 8 do not repeat them much; the test split holds held-out shapes and textures.
@@ -62,60 +67,63 @@ def crops_config(config) -> ObjectCropsConfig:
                              max_bad_fraction=d.max_bad_fraction)
 
 
-def dataset_root(root: str) -> Path:
-    """The dataset folder; builtin:toyworld_objects is written on first use."""
+def dataset_root(root: str):
+    """The dataset folder (local or gs://); builtin:toyworld_objects is written on first use
+    into each process's cache (process 0 first: see build_once)."""
     if not root:
         raise UserError("data.root is not set: --config.data.root=FOLDER in OpenImages' layout "
                         f"(see spacetime_jax/elite/data.py), or {TOYWORLD_OBJECTS}")
     if root != TOYWORLD_OBJECTS:
-        return Path(root).expanduser()
-    from spacetime_jax.elite.toyworld_data import write_toyworld_objects
+        return as_path(root)
     folder = cache_dir() / (f"toyworld_objects_{TOYWORLD_TRAIN}_{TOYWORLD_TEST}_"
                             f"{TOYWORLD_SEED}_{TOYWORLD_IMAGE_SIZE}")
-    done = folder / ".complete"
-    if not done.is_file():
-        # Several processes of one run may get here: only the first writes.
-        if jax.process_index() == 0:
-            write_toyworld_objects(folder, TOYWORLD_TRAIN, TOYWORLD_TEST, TOYWORLD_SEED,
-                                   TOYWORLD_IMAGE_SIZE)
-            done.write_text("ok\n")
-        else:
-            _wait_for(done)
-    return folder
+    build_once("toyworld objects", folder.is_dir, lambda: _write_toyworld_objects(folder))
+    return as_path(folder)
 
 
-def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    start = time.monotonic()
-    while not path.is_file():
-        if time.monotonic() - start > timeout_s:
-            raise UserError(f"{path} did not appear within {timeout_s:.0f} s (process 0 writes "
-                            "the toy-world objects)")
-        time.sleep(0.5)
+def _write_toyworld_objects(folder) -> None:
+    """Writes beside, then renames: the folder is whole or absent, also after a kill."""
+    from spacetime_jax.elite.toyworld_data import write_toyworld_objects
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_toyworld_objects(partial, TOYWORLD_TRAIN, TOYWORLD_TEST, TOYWORLD_SEED,
+                           TOYWORLD_IMAGE_SIZE)
+    try:
+        os.rename(partial, folder)
+    except OSError:  # another process of this machine renamed its identical copy first
+        shutil.rmtree(partial, ignore_errors=True)
 
 
-def tfds_dir(config, root: Path) -> Path:
+def tfds_dir(config, root):
     """Where the dataset of `root` is built: one folder per source folder, so pointing
-    data.root elsewhere never reads a dataset built from another folder."""
-    base = (Path(config.data.tfds_dir).expanduser() if config.data.tfds_dir
-            else cache_dir() / "tfds")
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    return base / f"{root.name}-{digest}"
+    data.root elsewhere never reads a dataset built from another folder. Default: this
+    process's cache (a pod worker builds its own copy; data.tfds_dir=gs://... shares one)."""
+    base = as_path(config.data.tfds_dir) if config.data.tfds_dir else as_path(cache_dir() / "tfds")
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return base / f"{as_path(root).name}-{digest}"
 
 
 def open_split(config, split: str):
+    """One split of the object-crop dataset, built first where it is missing (process 0
+    first; then each process that does not see it, on its own disk)."""
     root = dataset_root(config.data.root)
-    return open_object_crops(root, crops_config(config), tfds_dir(config, root), split)
+    data_dir = tfds_dir(config, root)
+    crops = crops_config(config)
+    build_once("elite dataset",
+               lambda: ObjectCrops(config=crops, data_dir=os.fspath(data_dir)).is_prepared(),
+               lambda: build_object_crops(root, crops, data_dir))
+    return open_object_crops(root, crops, data_dir, split)
 
 
 # ---------------------------------------------------------------------------------------
 # The frozen model and the encoder.
 
-def global_encoder_folder(path: str) -> Path:
+def global_encoder_folder(path: str):
     """A stage-1 workdir (its encoder/) or an encoder folder."""
     if not path:
         raise UserError("global_checkpoint is not set: stage 2 needs the stage-1 encoder "
                         "(--config.global_checkpoint=STAGE1_WORKDIR or an encoder folder)")
-    folder = Path(path).expanduser()
+    folder = as_path(path)
     if (folder / ENCODER_DIR / "encoder.json").is_file():
         return folder / ENCODER_DIR
     return folder
@@ -178,23 +186,33 @@ class Session:
     batch_sharding: NamedSharding
     global_stage: Any = None  # stage 2: the loaded stage-1 encoder
 
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.batch_sharding.mesh, P())
+
     def step_fn(self):
+        """The train step, jitted with explicit shardings, the state donated; its metrics
+        come back replicated, readable on every process."""
         return jax.jit(functools.partial(train_step, optimizer=self.optimizer,
                                          statics=self.statics),
                        in_shardings=(self.state_shardings, self.batch_sharding,
                                      self.frozen_shardings, None, None),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                       out_shardings=(self.state_shardings, self.replicated),
+                       donate_argnums=(0,))
 
     @functools.cached_property
     def _evaluation_loss(self):
-        return jax.jit(functools.partial(evaluation_loss, statics=self.statics))
+        return jax.jit(functools.partial(evaluation_loss, statics=self.statics),
+                       out_shardings=self.replicated)
 
     def evaluate(self, params, batch, seed: int) -> dict:
         out = self._evaluation_loss(params, batch, self.frozen, self.schedule, jnp.uint32(seed))
         return {k: float(v) for k, v in jax.device_get(out).items()}
 
     def encoder_params(self, params) -> EncoderParams:
-        params = jax.device_get(params)
+        """The trained encoder as numpy trees on every process (a collective: the params may
+        span processes)."""
+        params = to_host(params)
         if self.statics.stage == "global":
             return EncoderParams(global_mapper=params["mapper"], global_kv=params["kv"])
         g = self.global_stage
@@ -270,11 +288,12 @@ def build_session(config, model: EliteModel, mesh) -> Session:
 # ---------------------------------------------------------------------------------------
 # The job.
 
-def evaluation_batch(source, config, model: EliteModel) -> dict:
+def evaluation_batch(source, config, model: EliteModel, session: Session) -> dict:
     """A fixed held-out batch (its own seed, step 0), whole on every process."""
     n = min(config.evaluation.num_examples, len(source))
     spec = pipeline_spec(config, model, config.evaluation.seed, n)
-    return {k: jnp.asarray(v[None]) for k, v in pipeline.host_batch(source, spec, 0).items()}
+    batch = {k: v[None] for k, v in pipeline.host_batch(source, spec, 0).items()}
+    return put_process_rows(batch, {k: session.replicated for k in batch})
 
 
 def validation_examples(source, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,10 +304,9 @@ def validation_examples(source, count: int) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def write_validation_grid(path: Path, session: Session, params, images, masks,
-                          validation, placeholder: str) -> None:
+def write_validation_grid(path: PathLike, session: Session, encoder: EncoderParams, images,
+                          masks, validation, placeholder: str) -> None:
     """Rows: (held-out object, prompt); columns: the object, then seeds (x lambdas in stage 2)."""
-    encoder = session.encoder_params(params)
     prompts = format_prompts(validation.prompts, placeholder)
     scales = list(validation.local_scales) if encoder.has_local else [None]
     rows = [(i, p) for i in range(len(images)) for p in prompts]
@@ -318,11 +336,9 @@ def write_validation_grid(path: Path, session: Session, params, images, masks,
 
 
 def run(config, workdir: str) -> None:
-    workdir = Path(workdir)
-    maybe_initialize_distributed(config.distributed)
+    # --- Devices and mesh (main.py joined the processes and resolved every path).
     mesh = make_mesh(dict(config.mesh))
-    lead = jax.process_index() == 0
-    log = print if lead else lambda *args, **kwargs: None
+    workdir = as_path(workdir)
     config_dict = config.to_dict()
     t = config.train
 
@@ -338,95 +354,77 @@ def run(config, workdir: str) -> None:
         global_encoder_folder(config.global_checkpoint)
     train_source = open_split(config, config.data.split)
     held_out = open_split(config, config.data.validation_split)
-    log(f"data: {len(train_source)} training objects ({config.data.split}), "
-        f"{len(held_out)} held out ({config.data.validation_split})", flush=True)
+    lead_print(f"data: {len(train_source)} training objects ({config.data.split}), "
+               f"{len(held_out)} held out ({config.data.validation_split})")
 
     model = load_model(config)
-    log(model_summary(model.sd), flush=True)
+    lead_print(model_summary(model.sd))
     session = build_session(config, model, mesh)
 
-    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start:
-        abstract = sharding.sharded_abstract(session.initial_state, session.state_shardings)
-        state, _, _ = checkpointer.restore(start, abstract_state=abstract)
-        if lead:
-            truncate_metrics(workdir, start)
-        log(f"resumed from step {start} in {workdir}", flush=True)
-    else:
-        state = sharding.shard_put(session.initial_state, session.state_shardings)
+    # --- Restore or init.
+    loop = TrainingLoop(
+        workdir, LoopSettings.from_config(t, validate_every=config.validation.every),
+        config_dict, {"stage": config.stage},
+        topology(mesh, global_batch=t.batch_size * t.grad_accum,
+                 learning_rate=session.learning_rate),
+        nonfinite_hint=NONFINITE_HINT)
+    state, start = loop.restore_or_init(
+        lambda: sharding.shard_put(session.initial_state, session.state_shardings),
+        sharding.sharded_abstract(session.initial_state, session.state_shardings))
     frozen = sharding.shard_put(session.frozen, session.frozen_shardings)
     session.frozen = frozen
 
+    # --- The compiled step (ahead of time, for the first batch's shapes).
     spec = pipeline_spec(config, model, t.seed, t.batch_size)
     first = to_global(batch_arrays(train_source, spec, start, t.grad_accum),
                       session.batch_sharding, t.batch_size)
     compile_start = time.perf_counter()
     compiled = session.step_fn().lower(state, first, frozen, session.schedule,
                                        jnp.uint32(t.seed)).compile()
-    log(f"step compiled in {time.perf_counter() - compile_start:.1f} s; stage {config.stage}; "
-        f"lr {session.learning_rate:g}; batch {t.batch_size} x {t.grad_accum} on mesh "
-        f"{dict(mesh.shape)}", flush=True)
-    eval_batch = evaluation_batch(held_out, config, model)
-    val_images, val_masks = validation_examples(held_out, config.validation.num_images)
+    lead_print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; stage "
+               f"{config.stage}; lr {session.learning_rate:g}; batch {t.batch_size} x "
+               f"{t.grad_accum} on mesh {dict(mesh.shape)}")
+    eval_batch = evaluation_batch(held_out, config, model, session)
+    val_images, val_masks = (validation_examples(held_out, config.validation.num_images)
+                             if is_lead() else (None, None))
 
     def held_out_loss(params) -> float:
         return session.evaluate(params, eval_batch, config.evaluation.seed)["mse"]
 
     if not start:
-        log(f"held-out loss at step 0: {held_out_loss(state.params):.5f}", flush=True)
-    progress = Progress(t.steps, t.log_every, workdir, start_step=start)
+        lead_print(f"held-out loss at step 0: {held_out_loss(state.params):.5f}")
+
+    # --- The loop (checkpoints, SIGTERM, non-finite stop, progress: training/loop.py); each
+    # process builds its rows of each batch ahead, on a background thread.
     micro_batches = pipeline.Prefetcher(
         train_source, spec, start * t.grad_accum, jax.process_index(), jax.process_count(),
         depth=max(1, config.data.prefetch) * t.grad_accum,
         workers=max(1, config.data.prefetch_workers))
-    last_saved = start
-    try:
-        with StopSignal() as stop:
-            for step in range(start + 1, t.steps + 1):
-                arrays = stack_micro_batches([next(micro_batches)
-                                              for _ in range(t.grad_accum)])
-                batch = to_global(arrays, session.batch_sharding, t.batch_size)
-                state, metrics = compiled(state, batch, frozen, session.schedule,
-                                          jnp.uint32(t.seed))
-                loss = float(metrics["loss"]) if step % t.log_every == 0 else None
-                if loss is not None and not np.isfinite(loss):
-                    raise UserError(
-                        f"loss is {loss} at step {step}: training stopped; the last good "
-                        f"checkpoint (step {last_saved}) is kept in {workdir}/checkpoints. "
-                        "Lower train.learning_rate or check the data")
-                extra = {}
-                validating = config.validation.every and (step % config.validation.every == 0
-                                                          or step == t.steps)
-                if validating:
-                    extra["held_out_loss"] = held_out_loss(state.params)
-                progress.update(step, loss=metrics["loss"], mse=metrics["mse"],
-                                grad_norm=metrics["grad_norm"], **extra)
-                stopping = step < t.steps and stop.requested()
-                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-                    checkpointer.save(step, state, config_dict, {"stage": config.stage})
-                    last_saved = step
-                if lead and validating:
-                    write_validation_grid(workdir / "validation" / f"step_{step:06d}.png",
-                                          session, state.params, val_images, val_masks,
-                                          config.validation, config.placeholder)
-                if stopping:
-                    checkpointer.wait()
-                    log(f"stopped by {stop.name} after step {step}: checkpoint {step} is saved "
-                        f"in {workdir}/checkpoints; run the same command to resume", flush=True)
-                    raise SystemExit(PREEMPTED_STATUS)
-    finally:
-        micro_batches.close()
-        progress.close()
-        checkpointer.close()
 
-    if lead:
-        folder = save_trained_encoder(workdir / ENCODER_DIR, session, state.params, config)
+    def step(state, _):
+        arrays = stack_micro_batches([next(micro_batches) for _ in range(t.grad_accum)])
+        batch = to_global(arrays, session.batch_sharding, t.batch_size)
+        return compiled(state, batch, frozen, session.schedule, jnp.uint32(t.seed))
+
+    def validate(step_number: int, state) -> dict:
+        encoder = session.encoder_params(state.params)
+        if is_lead():
+            write_validation_grid(workdir / "validation" / f"step_{step_number:06d}.png",
+                                  session, encoder, val_images, val_masks, config.validation,
+                                  config.placeholder)
+        return {"held_out_loss": held_out_loss(state.params)}
+
+    with micro_batches:
+        state = loop.run(state, start, step, validate=validate)
+
+    encoder = session.encoder_params(state.params)
+    if is_lead():
+        folder = save_trained_encoder(workdir / ENCODER_DIR, session, encoder, config)
         print(f"encoder ({config.stage} stage) -> {folder}", flush=True)
 
 
-def save_trained_encoder(folder: Path, session: Session, params, config) -> Path:
-    encoder = session.encoder_params(params)
+def save_trained_encoder(folder: PathLike, session: Session, encoder: EncoderParams,
+                         config):
     local = ({"mapper": encoder.local_mapper, "kv": encoder.local_kv}
              if encoder.has_local else None)
     save_encoder(folder, session.model.encoder_config,

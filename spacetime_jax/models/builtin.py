@@ -91,6 +91,22 @@ def resolve_builtin(name: str) -> str:
         return str(TOYWORLD_DIR)
     folder = cache_dir() / model
     if not (folder / "model_index.json").is_file():
-        from spacetime_jax.tools.make_tiny_model import make_tiny_model
-        make_tiny_model(folder, style="sd1", seed=0, vision=True)
+        _write_tiny_random(folder)
     return str(folder)
+
+
+def _write_tiny_random(folder: Path) -> None:
+    """Writes beside, then renames: several processes of one machine may get here at once,
+    and a killed write leaves no half model."""
+    import shutil
+
+    from spacetime_jax.tools.make_tiny_model import make_tiny_model
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_tiny_model(partial, style="sd1", seed=0, vision=True)
+    if folder.exists() and not (folder / "model_index.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # left by a write of an older version
+    try:
+        os.rename(partial, folder)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(partial, ignore_errors=True)

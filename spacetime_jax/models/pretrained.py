@@ -1,24 +1,24 @@
 """Load and save Stable Diffusion in the layouts users have.
 
 A model is a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/,
-tokenizer/, scheduler/) holding PyTorch `.safetensors` or `.bin` weights, or a hub id that
-huggingface_hub resolves (a filled local cache works offline with HF_HUB_OFFLINE=1). A CLIP
-vision tower comes from a transformers-layout folder. Everything here reads and writes files;
-the model code in this package knows nothing of files.
+tokenizer/, scheduler/) holding PyTorch `.safetensors` or `.bin` weights, local or `gs://`,
+or a hub id that huggingface_hub resolves (a filled local cache works offline with
+HF_HUB_OFFLINE=1). A CLIP vision tower comes from a transformers-layout folder. Everything
+here reads and writes files; the model code in this package knows nothing of files.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
+from etils import epath
 
 from spacetime_jax.diffusion.schedules import SchedulerConfig
 from spacetime_jax.errors import UserError
@@ -30,6 +30,7 @@ from spacetime_jax.models.clip_vision import (CLIPVisionConfig, CLIPVisionTransf
 from spacetime_jax.models.tokenizer import load_tokenizer
 from spacetime_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig
+from spacetime_jax.paths import as_path, copy_tree, is_remote
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weight file names, most preferred first (safetensors before pickles, full before sharded).
@@ -68,20 +69,21 @@ class StableDiffusion:
 # ---------------------------------------------------------------------------------------
 # Resolving and reading.
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id through huggingface_hub (its cache first)."""
-    path = Path(name_or_path).expanduser()
+def resolve_model_dir(name_or_path: str | os.PathLike) -> epath.Path:
+    """A local or gs:// folder as is; otherwise a hub id through huggingface_hub (its cache
+    first)."""
+    path = as_path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"model path {path} is a file; give the model's folder")
         return path
     name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if is_remote(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(
             f"model folder {name} does not exist (and it is not a hub id like 'org/model')")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(
+        return as_path(snapshot_download(
             name, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
             ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ckpt", "*.msgpack", "*.onnx*"]))
     except Exception as err:  # network, auth, missing cache: all say the same to a user
@@ -90,7 +92,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             "network, fill the huggingface_hub cache first or pass a local folder") from err
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    path = as_path(path)
     if not path.is_file():
         raise ModelLoadError(f"{what}: {path} is missing")
     try:
@@ -99,22 +102,26 @@ def read_json(path: Path, what: str) -> dict:
         raise ModelLoadError(f"{what}: {path} is not valid JSON ({err})") from err
 
 
-def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
+def _read_weight_file(path: epath.Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        # A local file is memory-mapped (an SD U-Net is 3.4 GB); a bucket's is read whole.
+        if is_remote(path):
+            return safetensors.numpy.load(path.read_bytes())
+        return safetensors.numpy.load_file(os.fspath(path))
     try:
         import torch
     except ImportError as err:
         raise ModelLoadError(
             f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), or "
             "convert it to .safetensors") from err
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
             for k, v in state.items()}
 
 
-def read_state_dict(folder: Path, kind: str) -> dict[str, np.ndarray]:
+def read_state_dict(folder: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
     """The PyTorch state dict of one sub-model folder (single file or sharded)."""
+    folder = as_path(folder)
     for name in WEIGHT_FILES[kind]:
         if (folder / name).is_file():
             return _read_weight_file(folder / name)
@@ -130,7 +137,7 @@ def read_state_dict(folder: Path, kind: str) -> dict[str, np.ndarray]:
         f"{kind}: no weights in {folder} (looked for {', '.join(WEIGHT_FILES[kind])})")
 
 
-def _subfolder(model_dir: Path, name: str) -> Path:
+def _subfolder(model_dir: epath.Path, name: str) -> epath.Path:
     folder = model_dir / name
     if not folder.is_dir():
         raise ModelLoadError(
@@ -148,7 +155,8 @@ def _to_dtype(params: Any, dtype) -> Any:
 # ---------------------------------------------------------------------------------------
 # Loading.
 
-def load_unet(folder: Path, dtype=jnp.float32, local_branch: bool = False):
+def load_unet(folder: str | os.PathLike, dtype=jnp.float32, local_branch: bool = False):
+    folder = as_path(folder)
     config = UNetConfig.from_dict(read_json(folder / "config.json", "unet"))
     model = UNet2DConditionModel(config, local_branch=local_branch, dtype=dtype)
     side = config.sample_size
@@ -161,7 +169,8 @@ def load_unet(folder: Path, dtype=jnp.float32, local_branch: bool = False):
     return model, params
 
 
-def load_vae(folder: Path, dtype=jnp.float32):
+def load_vae(folder: str | os.PathLike, dtype=jnp.float32):
+    folder = as_path(folder)
     config = VAEConfig.from_dict(read_json(folder / "config.json", "vae"))
     model = AutoencoderKL(config, dtype=dtype)
     side = 8 * config.downsample_factor
@@ -172,7 +181,8 @@ def load_vae(folder: Path, dtype=jnp.float32):
     return model, params, config
 
 
-def load_text_encoder(folder: Path, dtype=jnp.float32):
+def load_text_encoder(folder: str | os.PathLike, dtype=jnp.float32):
+    folder = as_path(folder)
     config = CLIPTextConfig.from_dict(read_json(folder / "config.json", "text_encoder"))
     params = convert.torch_to_flax(read_state_dict(folder, "text_encoder"),
                                    clip_text_param_template(config), strip_prefix="text_model.",
@@ -195,7 +205,8 @@ def load_clip_vision(name_or_path: str | os.PathLike, dtype=jnp.float32):
     return CLIPVisionTransformer(config, dtype=dtype), _to_dtype(params, dtype)
 
 
-def load_scheduler_config(folder: Path) -> SchedulerConfig:
+def load_scheduler_config(folder: str | os.PathLike) -> SchedulerConfig:
+    folder = as_path(folder)
     raw = read_json(folder / "scheduler_config.json", "scheduler")
     try:
         return SchedulerConfig.from_dict(raw)
@@ -230,25 +241,25 @@ def load_stable_diffusion(name_or_path: str | os.PathLike, dtype=jnp.float32,
 # ---------------------------------------------------------------------------------------
 # Saving (what diffusers and transformers load back).
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: epath.Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_weights(path: Path, params: Any, prefix: str = "", dtype=np.float32) -> None:
+def _write_weights(path: epath.Path, params: Any, prefix: str = "", dtype=np.float32) -> None:
     state = {k: v.astype(dtype) for k, v in convert.flax_to_torch(params, prefix=prefix).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    path.write_bytes(safetensors.numpy.save(state, metadata={"format": "pt"}))
 
 
 def save_stable_diffusion(out_dir: str | os.PathLike, *, unet_config: UNetConfig, unet_params,
                           vae_config: VAEConfig, vae_params, text_config: CLIPTextConfig,
                           text_params, tokenizer_dir: str | os.PathLike,
                           scheduler_config: SchedulerConfig,
-                          weight_dtype=np.float32) -> Path:
-    """Writes a diffusers-layout folder: classic `text_model.`-prefixed CLIP names, which
-    every version of diffusers and transformers loads."""
-    out = Path(out_dir)
+                          weight_dtype=np.float32) -> epath.Path:
+    """Writes a diffusers-layout folder (local or gs://): classic `text_model.`-prefixed
+    CLIP names, which every version of diffusers and transformers loads."""
+    out = as_path(out_dir)
     _write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -268,17 +279,23 @@ def save_stable_diffusion(out_dir: str | os.PathLike, *, unet_config: UNetConfig
     _write_weights(out / "text_encoder" / WEIGHT_FILES["text_encoder"][0], text_params,
                    prefix="text_model.", dtype=weight_dtype)
     tokenizer_out = out / "tokenizer"
-    if Path(tokenizer_dir).resolve() != tokenizer_out.resolve():
-        shutil.copytree(tokenizer_dir, tokenizer_out, dirs_exist_ok=True)
+    if not _same_folder(as_path(tokenizer_dir), tokenizer_out):
+        copy_tree(tokenizer_dir, tokenizer_out)
     _write_json(out / "scheduler" / "scheduler_config.json",
                 dict(scheduler_config.to_dict(), _class_name="PNDMScheduler",
                      skip_prk_steps=True))
     return out
 
 
+def _same_folder(a: epath.Path, b: epath.Path) -> bool:
+    if is_remote(a) or is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return a.resolve() == b.resolve()
+
+
 def save_clip_vision(out_dir: str | os.PathLike, config: CLIPVisionConfig, params,
-                     weight_dtype=np.float32) -> Path:
-    out = Path(out_dir)
+                     weight_dtype=np.float32) -> epath.Path:
+    out = as_path(out_dir)
     _write_json(out / "config.json", config.to_dict())
     _write_weights(out / WEIGHT_FILES["vision"][0], params, prefix="vision_model.",
                    dtype=weight_dtype)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
 from transformers import AddedToken, CLIPTokenizer
 
 from spacetime_jax.errors import UserError
+from spacetime_jax.paths import as_path, local_folder
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -91,7 +92,7 @@ def _merges_for(pieces: Sequence[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_clip_tokenizer_files(words: Iterable[str], out_dir: str | Path) -> TokenizerInfo:
+def build_clip_tokenizer_files(words: Iterable[str], out_dir: str | os.PathLike) -> TokenizerInfo:
     """Writes a CLIP BPE tokenizer in which every word of `words` is one token (after CLIP's
     lowercasing and punctuation split); other words fall back to smaller pieces."""
     pieces = _word_pieces(words)
@@ -102,7 +103,7 @@ def build_clip_tokenizer_files(words: Iterable[str], out_dir: str | Path) -> Tok
                            + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN])
     vocab = {token: i for i, token in enumerate(tokens)}
 
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text(
@@ -125,9 +126,10 @@ def build_clip_tokenizer_files(words: Iterable[str], out_dir: str | Path) -> Tok
                          eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN])
 
 
-def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A diffusers `tokenizer/` folder (tiny or real SD) as a CLIPTokenizer of length 77."""
-    path = Path(folder)
+def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    """A diffusers `tokenizer/` folder (tiny or real SD; local or gs://) as a CLIPTokenizer of
+    length 77."""
+    path = as_path(folder)
     if not path.is_dir():
         raise TokenizerError(f"tokenizer folder {path} does not exist")
     has_bpe_files = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
@@ -137,7 +139,8 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
             f"needs them; found {sorted(p.name for p in path.iterdir())}")
     try:
         # Files alone do not carry the context length; a tokenizer without it never truncates.
-        return CLIPTokenizer.from_pretrained(str(path), model_max_length=MAX_LENGTH)
+        # transformers reads only local files: a gs:// folder is copied once per process.
+        return CLIPTokenizer.from_pretrained(local_folder(path), model_max_length=MAX_LENGTH)
     except Exception as e:  # tokenizers reports bad vocab/merges files as a bare Exception.
         raise TokenizerError(f"cannot load the CLIP tokenizer in {path}: {e}") from e
 

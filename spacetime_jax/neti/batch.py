@@ -1,15 +1,15 @@
 """Many concepts in one NeTI run: the concept set on disk, its validation, padding K to the
 mesh, and stopping cleanly on SIGTERM.
 
-A concept set is a folder with one sub-folder of images per concept (placeholder `<folder>`,
-the config's default super-category and learnable property), or a manifest: a CSV file, or a
-`concepts.csv` inside the folder, with one concept per line
+A concept set (local or gs://) is a folder with one sub-folder of images per concept
+(placeholder `<folder>`, the config's default super-category and learnable property), or a
+manifest: a CSV file, or a `concepts.csv` inside the folder, with one concept per line
 
     folder, placeholder, super-category[, object|style]
 
-(folders relative to the manifest; `#` starts a comment; a first line starting with `folder`
-is a header). Every concept is checked before anything is computed, and an error names the
-concept it is about.
+(folders relative to the manifest, or gs:// URIs; `#` starts a comment; a first line starting
+with `folder` is a header). Every concept is checked before anything is computed, and an error
+names the concept it is about.
 
 The step's concept axis K is padded up to a multiple of the mesh's `concept` axis with copies
 of the last concept, marked not `real`: they cost compute but never learn, report a loss or
@@ -20,17 +20,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
+import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from spacetime_jax.data.images import load_concept_images
 from spacetime_jax.errors import UserError
 from spacetime_jax.models.tokenizer import single_token_id
+from spacetime_jax.paths import as_path, is_remote
 
 MANIFEST_NAME = "concepts.csv"
 LEARNABLE_PROPERTIES = ("object", "style")
@@ -55,11 +58,11 @@ def concept_name(placeholder: str) -> str:
     return re.sub(r"[^\w.-]+", "_", placeholder.strip("<>")).strip("._") or "concept"
 
 
-def read_concept_set(path: str | Path, super_category: str,
+def read_concept_set(path: str | os.PathLike, super_category: str,
                      learnable_property: str = "object") -> list[ConceptSpec]:
-    """The concepts of a folder of concept folders or of a manifest (see the module doc);
-    `super_category` and `learnable_property` are the sub-folders' defaults."""
-    path = Path(path)
+    """The concepts of a folder of concept folders or of a manifest, local or gs:// (see the
+    module doc); `super_category` and `learnable_property` are the sub-folders' defaults."""
+    path = as_path(path)
     if not path.exists():
         raise UserError(f"data.concepts: {path} does not exist; give a folder with one "
                         f"sub-folder of images per concept, or a manifest ({MANIFEST_NAME})")
@@ -80,11 +83,11 @@ def read_concept_set(path: str | Path, super_category: str,
     return specs
 
 
-def _read_manifest(path: Path) -> list[ConceptSpec]:
+def _read_manifest(path: epath.Path) -> list[ConceptSpec]:
     specs = []
-    with path.open(newline="") as f:
-        lines = [(number, [field.strip() for field in row])
-                 for number, row in enumerate(csv.reader(f), start=1)]
+    rows = csv.reader(io.StringIO(path.read_text(), newline=""))
+    lines = [(number, [field.strip() for field in row])
+             for number, row in enumerate(rows, start=1)]
     for number, fields in lines:
         if not any(fields) or fields[0].startswith("#"):
             continue
@@ -96,8 +99,9 @@ def _read_manifest(path: Path) -> list[ConceptSpec]:
                             f"[, object|style]', got {','.join(fields)!r}")
         folder, placeholder, super_category = fields[:3]
         learnable_property = fields[3] if len(fields) == 4 else "object"
-        specs.append(ConceptSpec(concept_name(placeholder), str(path.parent / folder),
-                                 placeholder, super_category, learnable_property))
+        images = folder if is_remote(folder) else str(path.parent / folder)
+        specs.append(ConceptSpec(concept_name(placeholder), images, placeholder, super_category,
+                                 learnable_property))
     if not specs:
         raise UserError(f"{path} lists no concepts")
     return specs

@@ -10,20 +10,22 @@ import copy
 import dataclasses
 import functools
 import json
-from pathlib import Path
+import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
 from spacetime_jax.errors import UserError
 from spacetime_jax.models.clip_text import CLIPTextTransformer
 from spacetime_jax.models.tokenizer import (add_placeholder_tokens, resize_token_embedding,
                                             single_token_id)
 from spacetime_jax.neti.mapper import MapperConfig, build_mapper
+from spacetime_jax.paths import as_path, write_atomic
 
 ARTIFACT_VERSION = 1
 
@@ -93,14 +95,15 @@ def prepare_text_encoder(text_encoder: CLIPTextTransformer, tokenizer, text_para
         target_norms=[float(np.linalg.norm(embedding[sid])) for sid in super_ids])
 
 
-def save_concept(folder: str | Path, concept: Concept) -> Path:
-    folder = Path(folder)
+def save_concept(folder: str | os.PathLike, concept: Concept) -> epath.Path:
+    """Writes the artifact folder (local or gs://); each file appears whole or not at all."""
+    folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(concept.variables), sep="/")
     # Contiguous: safetensors writes an array's buffer as is, and a transposed view (an
     # imported PyTorch kernel) would be saved untransposed.
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
-              str(folder / "mapper.safetensors"))
+    write_atomic(folder / "mapper.safetensors", safetensors.numpy.save(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}))
     meta = {
         "version": ARTIFACT_VERSION,
         "kind": concept.kind,
@@ -112,12 +115,12 @@ def save_concept(folder: str | Path, concept: Concept) -> Path:
         "learnable_property": concept.learnable_property,
         "train_config": concept.train_config,
     }
-    (folder / "concept.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / "concept.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
 
 
-def load_concept(folder: str | Path) -> Concept:
-    folder = Path(folder)
+def load_concept(folder: str | os.PathLike) -> Concept:
+    folder = as_path(folder)
     meta_path, weights_path = folder / "concept.json", folder / "mapper.safetensors"
     for path in (meta_path, weights_path):
         if not path.is_file():
@@ -130,7 +133,8 @@ def load_concept(folder: str | Path) -> Concept:
     if meta.get("version") != ARTIFACT_VERSION:
         raise UserError(f"{folder}: concept artifact version {meta.get('version')!r} is not "
                         f"supported (expected {ARTIFACT_VERSION})")
-    variables = traverse_util.unflatten_dict(load_file(str(weights_path)), sep="/")
+    variables = traverse_util.unflatten_dict(
+        safetensors.numpy.load(weights_path.read_bytes()), sep="/")
     return Concept(kind=meta["kind"], mapper_config=MapperConfig.from_dict(meta["mapper_config"]),
                    variables=variables, placeholder=meta["placeholder"],
                    super_category=meta["super_category"], target_norm=meta["target_norm"],

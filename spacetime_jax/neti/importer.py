@@ -19,6 +19,8 @@ import builtins
 import dataclasses
 import enum
 import functools
+import io
+import os
 import pathlib
 import pickle
 import types
@@ -32,6 +34,7 @@ import torch
 from spacetime_jax.errors import UserError, exit_with
 from spacetime_jax.models import convert
 from spacetime_jax.neti.mapper import MapperConfig, NeTIMapper
+from spacetime_jax.paths import as_path
 
 REQUIRED_KEYS = ("state_dict", "cfg", "encoder")
 DEFAULT_NUM_LAYERS = 16  # the reference's UNET_LAYERS
@@ -108,11 +111,12 @@ stand_in_pickle.Unpickler = Unpickler
 stand_in_pickle.load = lambda f, **kwargs: Unpickler(f, **kwargs).load()
 
 
-def load_torch_file(path: str) -> Any:
-    """torch.load without the classes the file names (they become StandIns)."""
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """torch.load (of a local or gs:// file) without the classes the file names (they become
+    StandIns)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=stand_in_pickle)
+        return torch.load(io.BytesIO(as_path(path).read_bytes()), map_location="cpu",
+                          weights_only=False, pickle_module=stand_in_pickle)
     except FileNotFoundError:
         raise UserError(f"NeTI checkpoint not found: {path}") from None
     except Exception as e:  # torch raises many kinds for a file that is not its own
@@ -269,7 +273,8 @@ def _variables(state_dict: dict, encoder: Any, config: MapperConfig) -> dict:
     return variables
 
 
-def import_neti_checkpoint(path: str, *, token_dim: Optional[int] = None) -> ImportedConcept:
+def import_neti_checkpoint(path: str | os.PathLike, *,
+                           token_dim: Optional[int] = None) -> ImportedConcept:
     """An official NeTI mapper checkpoint (e.g. `mapper-steps-1000.pt`) -> ImportedConcept.
 
     token_dim: the text encoder's width; None reads it off the output layer and the cfg's

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spacetime_jax.data.images import load_concept_images
+from spacetime_jax.data.images import find_image_files, load_concept_images
 from spacetime_jax.data.latents import LatentMoments, concept_latent_cache
 from spacetime_jax.data.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from spacetime_jax.diffusion.schedules import ddpm_schedule
@@ -42,22 +40,22 @@ from spacetime_jax.neti.sample import format_prompts, generate
 from spacetime_jax.neti.step import (ConceptData, StepStatics, TrainState, evaluation_loss,
                                      train_step)
 from spacetime_jax.parallel import sharding
-from spacetime_jax.parallel.mesh import (make_mesh, maybe_initialize_distributed,
-                                         replicas_per_concept)
+from spacetime_jax.parallel.mesh import make_mesh, replicas_per_concept, topology
+from spacetime_jax.parallel.multihost import (addressable_rows, fail_together, is_lead,
+                                              lead_print, put_process_rows, to_host)
+from spacetime_jax.paths import PathLike, as_path
 from spacetime_jax.pipelines.sample_job import compute_dtype
-from spacetime_jax.training.checkpoint import Checkpointer, check_compatible
-from spacetime_jax.training.preemption import StopSignal
-from spacetime_jax.training.progress import Progress, truncate_metrics
+from spacetime_jax.training.checkpoint import check_compatible
+from spacetime_jax.training.loop import LoopSettings, TrainingLoop
 from spacetime_jax.training.remat import check_remat_policy
 from spacetime_jax.visualize import save_grid
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-# Keys a resumed run may change without a new workdir.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation")
-# A run stopped by SIGTERM exits with the status a shell reports for a SIGTERM death: a
-# supervisor (Kubernetes, a retry loop) sees an unfinished job and starts it again, which
-# resumes; 0 would read as finished.
-PREEMPTED_STATUS = 128 + signal.SIGTERM
+# Keys a resumed run may change without a new workdir. The mesh and the processes may change
+# too: the loop then checks that the batch and learning rate stay (parallel.mesh.topology).
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation", "mesh",
+                  "distributed")
+NONFINITE_HINT = "Lower train.learning_rate or check the images"
 
 
 def is_batch(config) -> bool:
@@ -108,35 +106,54 @@ def learning_rate(config, mesh) -> float:
 
 
 def build_concept_data(specs, sd, tokenizer, placeholder_ids, target_norms, variables,
-                       workdir: Path, resolution: int, seeds: list[int],
-                       count: int | None = None) -> ConceptData:
+                       workdir: PathLike, resolution: int, seeds: list[int],
+                       count: int | None = None, load: set[int] | None = None) -> ConceptData:
     """Tokenized templates, cached latent moments and fixed mapper variables, stacked on K and
     padded to `count` rows (default: no padding) with copies of the last concept, which
-    `real` marks as padding."""
-    moments, counts, prompt_ids, positions = [], [], [], []
+    `real` marks as padding.
+
+    `load`: the concepts whose images this process reads and encodes (default: all); the
+    others' moment rows stay zero here, since another process holds them (put_process_rows
+    takes each process's own rows). Row counts come from listing every folder, so every
+    process builds the same shapes."""
+    load = set(range(len(specs))) if load is None else load
+    counts = [2 * len(find_image_files(spec.images).paths) for spec in specs]
+    rows = max(counts)
+    side = resolution // sd.vae_config.downsample_factor
+    empty = np.zeros((rows, side, side, sd.vae_config.latent_channels), np.float32)
+    means, logvars, prompt_ids, positions = [], [], [], []
     for index, spec in enumerate(specs):
-        images, _ = load_concept_images(spec.images, resolution)
-        cache_dir = workdir / "cache" / spec.name
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        moments.append(concept_latent_cache(cache_dir, sd.vae, sd.vae_params, images, sd.source))
-        counts.append(2 * len(images))
+        mean, logvar = empty, empty
+        if index in load:
+            images, _ = load_concept_images(spec.images, resolution)
+            moments = concept_latent_cache(as_path(workdir) / "cache" / spec.name, sd.vae,
+                                           sd.vae_params, images, sd.source)
+            pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
+            mean, logvar = pad(np.asarray(moments.mean)), pad(np.asarray(moments.logvar))
+        means.append(mean)
+        logvars.append(logvar)
         prompts = format_prompts(TEMPLATES[spec.learnable_property], spec.placeholder)
         for prompt in prompts:
             check_prompt_length(tokenizer, prompt)
         ids = tokenize(tokenizer, prompts)
         prompt_ids.append(ids)
         positions.append(find_token_positions(ids, placeholder_ids[index], prompts))
-    rows = max(counts)
-    pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
-    stacked = LatentMoments(np.stack([pad(np.asarray(m.mean)) for m in moments]),
-                            np.stack([pad(np.asarray(m.logvar)) for m in moments]))
     count = count or len(specs)
-    data = ConceptData(moments=stacked, num_rows=np.asarray(counts, np.int32),
+    data = ConceptData(moments=LatentMoments(np.stack(means), np.stack(logvars)),
+                       num_rows=np.asarray(counts, np.int32),
                        prompt_ids=np.stack(prompt_ids), positions=np.stack(positions),
                        target_norms=np.asarray(target_norms[:len(specs)], np.float32),
                        seeds=np.asarray(seeds, np.uint32),
                        encoding={k: v for k, v in variables.items() if k != "params"})
     return pad_rows(data, count).replace(real=real_rows(len(specs), count))
+
+
+def concepts_of_this_process(num_concepts: int, count: int, mesh) -> set[int]:
+    """The concepts whose rows (padding: copies of the last concept) lie on this process's
+    devices when `count` rows are split over the mesh's concept axis."""
+    rows = addressable_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("concept")),
+                            count)
+    return {min(row, num_concepts - 1) for row in rows}
 
 
 def concept_seed(train_seed: int, placeholder: str) -> int:
@@ -190,17 +207,26 @@ class Session:
         return resize_rows(restored, self.padded_count, self.state_shardings)
 
     def put(self) -> None:
-        """Places the data and frozen weights on the mesh (once, before stepping)."""
-        self.data = sharding.shard_put(self.data, self.data_shardings)
+        """Places the data (each process its own concept rows) and the frozen weights on the
+        mesh (once, before stepping)."""
+        self.data = put_process_rows(self.data, self.data_shardings)
         self.frozen = sharding.shard_put(self.frozen, self.frozen_shardings)
 
     def step_fn(self):
-        """The train step, jitted with explicit shardings, the state donated."""
-        return jax.jit(functools.partial(train_step, optimizer=self.optimizer,
-                                         statics=self.statics),
-                       in_shardings=(self.state_shardings, self.data_shardings,
-                                     self.frozen_shardings, None),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        """The train step, jitted with explicit shardings, the state donated; it returns the
+        real concepts' (K,) losses replicated, so that every process can read them."""
+        num_concepts = len(self.specs)
+
+        def step(state, data, frozen, schedule):
+            state, losses = train_step(state, data, frozen, schedule, optimizer=self.optimizer,
+                                       statics=self.statics)
+            return state, losses[:num_concepts]
+
+        replicated = jax.sharding.NamedSharding(self.statics.batch_sharding.mesh,
+                                                jax.sharding.PartitionSpec())
+        return jax.jit(step, in_shardings=(self.state_shardings, self.data_shardings,
+                                           self.frozen_shardings, None),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
 
     @functools.cached_property
     def _evaluation_loss(self):
@@ -227,7 +253,7 @@ def real_shapes(state: TrainState, num_concepts: int) -> TrainState:
     return jax.tree.map(cut, state)
 
 
-def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
+def build_session(config, sd, text, specs, mesh, workdir: PathLike) -> Session:
     """Mappers (one per concept, stacked on a leading concept axis, each from its own seed),
     the data each step draws from (latent moments cached under workdir/cache), optimizer and
     the initial state, with the shardings of every part.
@@ -251,7 +277,8 @@ def build_session(config, sd, text, specs, mesh, workdir: Path) -> Session:
     count = padded_count(len(specs), mesh)
     stacked_variables = pad_rows(jax.tree.map(lambda *xs: np.stack(xs), *variables), count)
     data = build_concept_data(specs, sd, text.tokenizer, placeholder_ids, target_norms,
-                              stacked_variables, workdir, config.data.resolution, seeds, count)
+                              stacked_variables, workdir, config.data.resolution, seeds, count,
+                              load=concepts_of_this_process(len(specs), count, mesh))
 
     lr = learning_rate(config, mesh)
     t = config.train
@@ -304,24 +331,25 @@ def concept_state_shardings(state: TrainState, mesh) -> TrainState:
 
 
 def run(config, workdir: str) -> None:
-    workdir = Path(workdir)
     # --- Devices and mesh. Every process of a multi-process run runs all of this and each
     # step; process 0 alone prints and writes metrics, validation grids and the concepts
-    # (checkpoints are orbax's, which coordinates the processes itself).
-    maybe_initialize_distributed(config.distributed)
+    # (checkpoints are orbax's, which coordinates the processes itself). main.py joined the
+    # processes and resolved every path.
     mesh = make_mesh(dict(config.mesh))
-    lead = jax.process_index() == 0
-    log = print if lead else lambda *args, **kwargs: None
+    workdir = as_path(workdir)
     config_dict = config.to_dict()
 
     # --- The frozen model and the concepts (everything validated before any compute).
     specs = concept_specs(config)
     check_remat_policy(config.train.remat_policy, "train.remat_policy")
-    # Images and the workdir first: a typo there must not wait for the model to load.
-    check_images(specs, config.data.resolution)
+    # Images and the workdir first: a typo there must not wait for the model to load. Each
+    # process decodes the images it will train on; a bad one stops every process.
+    mine = concepts_of_this_process(len(specs), padded_count(len(specs), mesh), mesh)
+    fail_together("concept images", lambda: check_images(
+        [spec for index, spec in enumerate(specs) if index in mine], config.data.resolution))
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
     sd = load_stable_diffusion(resolve_builtin(config.model), compute_dtype(config.compute_dtype))
-    log(model_summary(sd), flush=True)
+    lead_print(model_summary(sd))
     check_tokens(specs, sd.tokenizer)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
@@ -330,16 +358,15 @@ def run(config, workdir: str) -> None:
     K = len(specs)
 
     # --- Restore or init (a checkpoint holds the K real concepts; the padding is the mesh's).
-    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start:
-        restored, _, _ = checkpointer.restore(start, abstract_state=session.abstract_checkpoint())
-        state = session.step_state(restored)
-        if lead:
-            truncate_metrics(workdir, start)
-        log(f"resumed from step {start} in {workdir}", flush=True)
-    else:
-        state = sharding.shard_put(session.initial_state, session.state_shardings)
+    loop = TrainingLoop(
+        workdir, LoopSettings.from_config(t, validate_every=config.validation.every),
+        config_dict, {"concepts": [dataclasses.asdict(s) for s in specs]},
+        topology(mesh, global_batch=session.statics.batch_size * t.grad_accum,
+                 learning_rate=session.learning_rate),
+        nonfinite_hint=NONFINITE_HINT)
+    state, start = loop.restore_or_init(
+        lambda: sharding.shard_put(session.initial_state, session.state_shardings),
+        session.abstract_checkpoint(), session.step_state)
     session.put()
 
     # --- The compiled step (ahead of time; weights are arguments, the state is donated).
@@ -347,74 +374,57 @@ def run(config, workdir: str) -> None:
     compiled = session.step_fn().lower(state, session.data, session.frozen,
                                        session.schedule).compile()
     padding = session.padded_count - K
-    log(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
-        f"{session.learning_rate:g}; {K} concept(s)"
-        f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}",
-        flush=True)
+    lead_print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
+               f"{session.learning_rate:g}; {K} concept(s)"
+               f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}")
 
-    # --- The loop; SIGTERM ends it at a step boundary with a checkpoint.
-    metadata = {"concepts": [dataclasses.asdict(s) for s in specs]}
-    progress = Progress(t.steps, t.log_every, workdir, start_step=start)
-    last_saved = start
-    try:
-        with StopSignal() as stop:
-            for step in range(start + 1, t.steps + 1):
-                state, losses = compiled(state, session.data, session.frozen, session.schedule)
-                loss = np.asarray(losses)[:K]
-                if not np.isfinite(loss).all():
-                    raise UserError(
-                        f"loss is {loss.tolist()} at step {step}: training stopped; the last "
-                        f"good checkpoint (step {last_saved}) is kept in {workdir}/checkpoints. "
-                        "Lower train.learning_rate or check the images")
-                progress.update(step, loss=float(loss.mean()))
-                stopping = step < t.steps and stop.requested()
-                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-                    checkpointer.save(step, session.checkpoint_state(state), config_dict,
-                                      metadata)
-                    last_saved = step
-                if lead and config.validation.every and (step % config.validation.every == 0
-                                                         or step == t.steps):
-                    write_validation_grids(workdir / "validation" / f"step_{step:06d}", sd,
-                                           text, session.concepts, [s.name for s in specs],
-                                           state.params, session.data.encoding,
-                                           config.validation)
-                if stopping:
-                    checkpointer.wait()
-                    log(f"stopped by {stop.name} after step {step}: checkpoint {step} is "
-                        f"saved in {workdir}/checkpoints; run the same command to resume",
-                        flush=True)
-                    raise SystemExit(PREEMPTED_STATUS)
-    finally:
-        progress.close()
-        checkpointer.close()
+    # --- The loop (checkpoints, SIGTERM, non-finite stop, progress: training/loop.py).
+    def step(state, _):
+        state, losses = compiled(state, session.data, session.frozen, session.schedule)
+        return state, {"loss": losses}
+
+    def validate(step_number: int, state) -> dict:
+        variables = concepts_to_host(state.params, session.data.encoding, K)
+        if is_lead():
+            write_validation_grids(workdir / "validation" / f"step_{step_number:06d}", sd, text,
+                                   session.concepts, [s.name for s in specs], variables,
+                                   config.validation)
+        return {}
+
+    state = loop.run(state, start, step, to_checkpoint=session.checkpoint_state,
+                     validate=validate)
 
     # --- Artifacts: one standalone concept per spec.
-    if not lead:
+    variables = concepts_to_host(state.params, session.data.encoding, K)
+    if not is_lead():
         return
-    for index, (spec, concept) in enumerate(zip(specs, session.concepts)):
-        concept.variables = concept_variables(state.params, session.data.encoding, index)
+    for spec, concept, concept_vars in zip(specs, session.concepts, variables):
+        concept.variables = concept_vars
         folder = save_concept(workdir / "concepts" / spec.name if is_batch(config)
                               else workdir / "concept", concept)
         print(f"concept {spec.placeholder} -> {folder}", flush=True)
 
 
-def concept_variables(stacked_params, stacked_encoding, index: int) -> dict:
-    take = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x))[index], tree)
-    return {"params": take(stacked_params), **take(stacked_encoding)}
+def concepts_to_host(stacked_params, stacked_encoding, num_concepts: int) -> list[dict]:
+    """Each real concept's mapper variables as numpy trees, on every process (a collective:
+    the concept axis may span processes)."""
+    params, encoding = to_host((stacked_params, stacked_encoding))
+    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)
+    return [{"params": take(params, index), **take(encoding, index)}
+            for index in range(num_concepts)]
 
 
-def write_validation_grids(folder: Path, sd, text, concepts, names, stacked_params,
-                           stacked_encoding, validation) -> None:
+def write_validation_grids(folder: PathLike, sd, text, concepts, names, variables,
+                           validation) -> None:
     """The reference's validation: prompts x seeds per concept, as grids (folder/<name>.png)."""
     for index, (concept, name) in enumerate(zip(concepts, names)):
-        variables = concept_variables(stacked_params, stacked_encoding, index)
         prompts = format_prompts(validation.prompts, concept.placeholder)
         rows = [p for p in prompts for _ in validation.seeds]
         seeds = [s for _ in prompts for s in validation.seeds]
         images = generate(sd, text, concept, text.placeholder_ids[index], concept.target_norm,
-                          rows, seeds, variables=variables,
+                          rows, seeds, variables=variables[index],
                           num_steps=validation.steps, guidance_scale=validation.guidance_scale,
                           method=validation.sampler)
-        save_grid(folder / f"{name}.png", images, rows=len(prompts), cols=len(validation.seeds),
-                  row_labels=list(validation.prompts), col_labels=[f"seed {s}" for s in
-                                                                   validation.seeds])
+        save_grid(as_path(folder) / f"{name}.png", images, rows=len(prompts),
+                  cols=len(validation.seeds), row_labels=list(validation.prompts),
+                  col_labels=[f"seed {s}" for s in validation.seeds])

@@ -59,6 +59,14 @@ def replicas_per_concept(mesh: jax.sharding.Mesh) -> int:
     return mesh.shape["data"]
 
 
+def topology(mesh: jax.sharding.Mesh, *, global_batch: int, learning_rate: float) -> dict:
+    """What a checkpoint records of the devices it was trained on; a resume must keep the
+    global batch and the learning rate (training/loop.py checks them)."""
+    return {"processes": jax.process_count(), "devices": jax.device_count(),
+            "mesh": {name: int(size) for name, size in mesh.shape.items()},
+            "global_batch": int(global_batch), "learning_rate": float(learning_rate)}
+
+
 def _cluster_in_environment() -> bool:
     """True where the environment describes a multi-process job that JAX can join by itself."""
     env = os.environ

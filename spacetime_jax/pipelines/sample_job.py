@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from etils import epath
 
 from spacetime_jax.diffusion.samplers import METHODS
 from spacetime_jax.errors import UserError
@@ -15,8 +14,9 @@ from spacetime_jax.models.pretrained import load_stable_diffusion, model_summary
 from spacetime_jax.neti.concept import load_concept, prepare_text_encoder
 from spacetime_jax.neti.mapper import check_truncation
 from spacetime_jax.neti.sample import format_prompts, generate
+from spacetime_jax.paths import as_path
 from spacetime_jax.pipelines.text_to_image import text_to_image
-from spacetime_jax.visualize import save_grid
+from spacetime_jax.visualize import save_grid, save_png
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -33,7 +33,7 @@ def run(config, workdir: str) -> None:
         raise UserError(f"sample.sampler={s.sampler!r} is unknown; use one of {METHODS}")
     if not s.prompts or not s.seeds:
         raise UserError("sample.prompts and sample.seeds must each hold at least one entry")
-    out = Path(workdir)
+    out = as_path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     if config.concept:
         return run_concept(config, out)
@@ -47,13 +47,13 @@ def run(config, workdir: str) -> None:
                            resolution=s.resolution or None)
     seconds = time.perf_counter() - start
     for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        Image.fromarray(images[index]).save(out / f"{index:03d}_seed{seed}.png")
+        save_png(out / f"{index:03d}_seed{seed}.png", images[index])
     grid = save_grid(out / "grid.png", images, rows=len(s.prompts), cols=len(s.seeds),
                      row_labels=list(s.prompts), col_labels=[f"seed {x}" for x in s.seeds])
     print(f"{len(images)} images in {seconds:.1f} s (compilation included) -> {grid}")
 
 
-def run_concept(config, out: Path) -> None:
+def run_concept(config, out: epath.Path) -> None:
     """A NeTI concept: for each seed, a grid of prompts (rows) x truncation indices (columns)."""
     s = config.sample
     concept = load_concept(config.concept)
@@ -75,7 +75,7 @@ def run_concept(config, out: Path) -> None:
         for row, prompt in enumerate(prompts):
             for t, images in zip(truncations, columns):
                 name = f"p{row:02d}_seed{seed}_trunc{'none' if t is None else t}.png"
-                Image.fromarray(images[row]).save(out / name)
+                save_png(out / name, images[row])
         grid = np.stack([columns[c][r] for r in range(len(prompts))
                          for c in range(len(truncations))])
         save_grid(out / f"grid_seed{seed}.png", grid, rows=len(prompts), cols=len(truncations),

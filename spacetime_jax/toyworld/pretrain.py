@@ -12,8 +12,11 @@
                                                                W/model/pretrain_summary.json
 
 A stage that finished wrote its results and then W/<stage>/done.json; a rerun on the same
-workdir loads those and skips the stage, so an interrupted run resumes at the stage it was in.
-The summary, written last, marks the whole job finished.
+workdir loads those and skips the stage, so an interrupted run resumes at the stage it was in,
+and within it from the stage's newest checkpoint (W/<stage>/checkpoints, every
+<stage>.checkpoint_every steps; each stage trains in training/loop.py's TrainingLoop, which
+also saves a checkpoint and exits 143 on SIGTERM and stops on a non-finite loss). The summary,
+written last, marks the whole job finished.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,9 @@ from spacetime_jax.models.tokenizer import (MAX_LENGTH, TokenizerInfo,
                                             tokenize)
 from spacetime_jax.toyworld.captions import world_vocabulary
 from spacetime_jax.toyworld.scene import COLORS
+from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
+from spacetime_jax.training.progress import read_metrics
 
 # NeTI's validation prompts: prompts written for this world should tokenize to whole words.
 NETI_VALIDATION_PROMPTS = ("A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
@@ -102,6 +104,12 @@ def build_world_tokenizer(out_dir: str | Path) -> TokenizerInfo:
 # Model and optimizer
 
 
+class TrainState(NamedTuple):
+    """What a checkpoint holds."""
+    params: dict
+    opt_state: Any
+
+
 def clip_model_config(config: ml_collections.ConfigDict, tokens: TokenizerInfo
                       ) -> CLIPModelConfig:
     """The stage's CLIP: transformer widths from `config`, special ids from the tokenizer."""
@@ -143,22 +151,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def make_train_step(model: CLIPModel, optimizer: optax.GradientTransformation,
                     image_size: int) -> Callable:
-    """(params, opt_state, ids, uint8 images) -> (params, opt_state, loss); compiled once,
-    params and optimizer state donated."""
+    """(state, ids, uint8 images) -> (state, {"loss": loss}); compiled once, the state
+    donated."""
 
     def loss_fn(params, ids, images):
         logits_per_image, _ = model.apply({"params": params}, ids,
                                           clip_preprocess(images, image_size))
         return contrastive_loss(logits_per_image)
 
-    def step(params, opt_state, ids, images):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids, images)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    def step(state: TrainState, ids, images):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, ids, images)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
-        return params, opt_state, loss
+        return TrainState(params, opt_state), {"loss": loss}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +218,9 @@ def make_evaluate(model: CLIPModel, image_size: int) -> Callable:
 def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collections.ConfigDict,
                workdir: str | Path, log: Callable[[str], None] = print) -> ClipStageResult:
     """Builds the world tokenizer under workdir/tokenizer, trains CLIP on (images, captions)
-    minus a held-out tail, and scores retrieval on that tail.
+    minus a held-out tail, and scores retrieval on that tail. The loop (training/loop.py)
+    writes progress lines, workdir/metrics.jsonl and checkpoints in workdir/checkpoints, and
+    resumes from the newest.
 
     images: (N, H, W, 3) uint8; captions: N strings.
     """
@@ -227,6 +237,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collectio
     # --- tokenizer and captions, tokenized once
     tokenizer_dir = Path(workdir) / "tokenizer"
     tokens = build_world_tokenizer(tokenizer_dir)
+    loop = stage_loop("clip", workdir, config,
+                      {"examples": len(images), "vocab_size": tokens.vocab_size}, LOG_LINES, log)
     ids = caption_ids(tokenizer_dir, captions)
     train_ids, train_images = ids[:-held_out], images[:-held_out]
     eval_ids, eval_images = ids[-held_out:], images[-held_out:]
@@ -238,39 +250,27 @@ def train_clip(images: np.ndarray, captions: Sequence[str], config: ml_collectio
     model = CLIPModel(model_config)
     params = jax.device_put(init_params(model_config, config.seed))
     optimizer = make_optimizer(config)
-    opt_state = optimizer.init(params)
+    initial = TrainState(params, optimizer.init(params))
     train_step = make_train_step(model, optimizer, config.image_size)
     evaluate = make_evaluate(model, config.image_size)
     _, initial_loss = evaluate(params, eval_ids, eval_images)
 
-    # --- loop
-    batches = minibatch_indices(len(train_ids), config.batch_size, config.seed)
-    log_every = max(1, config.steps // LOG_LINES)
-    window: list[jax.Array] = []
-    loss_curve: list[tuple[int, float]] = []
-    start = time.perf_counter()
-    compiled_at = None
-    for step in range(1, config.steps + 1):
+    # --- restore or init, then the loop; a resumed run takes the batches an uninterrupted
+    # one takes after its start step
+    state, start = loop.restore_or_init(lambda: initial, jax.eval_shape(lambda: initial))
+    batches = minibatch_indices(len(train_ids), config.batch_size, config.seed, start)
+
+    def step(state: TrainState, _) -> tuple[TrainState, dict]:
         batch = next(batches)
-        params, opt_state, loss = train_step(params, opt_state, train_ids[batch],
-                                             train_images[batch])
-        window.append(loss)
-        if step == 1:
-            loss.block_until_ready()
-            compiled_at = time.perf_counter()
-            log(f"clip: step 1 (compile included) took {compiled_at - start:.1f}s")
-        if step % log_every == 0 or step == config.steps:
-            mean_loss = float(np.mean(jax.device_get(window)))
-            window = []
-            loss_curve.append((step, mean_loss))
-            rate = (step - 1) / max(time.perf_counter() - compiled_at, 1e-9)
-            eta = (config.steps - step) / max(rate, 1e-9)
-            log(f"clip: step {step}/{config.steps}  loss {mean_loss:.4f}  "
-                f"{rate:.2f} it/s  eta {eta:.0f}s")
-    train_seconds = time.perf_counter() - start
+        return train_step(state, train_ids[batch], train_images[batch])
+
+    loop_start = time.perf_counter()
+    state = loop.run(state, start, step)
+    train_seconds = time.perf_counter() - loop_start
+    loss_curve = [(record["step"], record["loss"]) for record in read_metrics(workdir)]
 
     # --- evaluation
-    params = jax.device_get(params)
+    params = jax.device_get(state.params)
     accuracy, held_out_loss = evaluate(params, eval_ids, eval_images)
     log(f"clip: held-out retrieval top-1 (batches of {EVAL_BATCH}) {accuracy:.3f}, held-out "
         f"loss {initial_loss:.4f} -> {held_out_loss:.4f}, training loss "

@@ -27,8 +27,9 @@ from spacetime_jax.diffusion.schedules import (DDPMSchedule, SchedulerConfig, ad
 from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spacetime_jax.models.vae import sample_latents
+from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
-from spacetime_jax.training.progress import Progress
+from spacetime_jax.training.progress import read_metrics
 
 MAX_HELD_OUT = 256  # examples kept out of training (at most an eighth): a fixed noise loss
 LOG_LINES = 40
@@ -66,7 +67,8 @@ class HeldOutSet(NamedTuple):
 
 
 class TrainState(NamedTuple):
-    step: jax.Array
+    """What a checkpoint holds."""
+    step: jax.Array  # () int32: steps taken, folded into each step's key
     params: Any
     opt_state: Any
     ema_params: Any
@@ -174,10 +176,15 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
                config: ml_collections.ConfigDict, workdir: str | Path,
                log: Callable[[str], Any] = print,
                scheduler_config: SchedulerConfig = SchedulerConfig()) -> UNetStageResult:
-    """Trains the U-Net on `data` minus its last examples (held out for a fixed noise loss);
-    progress lines and workdir/metrics.jsonl."""
+    """Trains the U-Net on `data` minus its last examples (held out for a fixed noise loss).
+    The loop (training/loop.py) writes progress lines, workdir/metrics.jsonl and checkpoints in
+    workdir/checkpoints, and resumes from the newest."""
     n = len(data.latent_means)
     held_out = max(1, min(MAX_HELD_OUT, n // 8))
+    loop = stage_loop("unet", workdir, config,
+                      {"examples": n, "latent_side": data.latent_means.shape[1],
+                       "captions": len(data.contexts), "context_dim": data.contexts.shape[-1],
+                       "scaling_factor": float(scaling_factor)}, LOG_LINES, log)
     train_data = data.take(np.arange(n - held_out))
     schedule = ddpm_schedule(scheduler_config)
     heldout = make_heldout_set(data.take(np.arange(n - held_out, n)), scaling_factor,
@@ -188,8 +195,8 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
     model = UNet2DConditionModel(model_config)
     params = jax.device_put(init_params(model, config.seed))
     optimizer = make_optimizer(config)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
-                       jax.tree.map(jnp.copy, params))
+    initial = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                         jax.tree.map(jnp.copy, params))
     train_step = make_train_step(model, optimizer, config.caption_dropout, config.ema_decay)
     heldout_loss = make_heldout_loss(model, schedule)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -198,26 +205,29 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
         f"{config.steps} steps of {config.batch_size}")
     heldout_before = heldout_loss(params, heldout)
 
-    # --- loop
+    # --- restore or init, then the loop; a resumed run draws the batches and noise an
+    # uninterrupted one draws (the batch order skips what was taken, the key folds in
+    # state.step)
+    state, start = loop.restore_or_init(lambda: initial, jax.eval_shape(lambda: initial))
     key = jax.random.key(config.seed)
     empty_context = jnp.asarray(data.empty_context)
     scaling = jnp.float32(scaling_factor)
-    batches = minibatch_indices(len(train_data.latent_means), config.batch_size, config.seed)
-    progress = Progress(config.steps, max(1, config.steps // LOG_LINES), workdir,
-                        log=lambda line: log(f"unet: {line}"))
-    start = time.perf_counter()
-    record = {}
-    for step in range(1, config.steps + 1):
+    batches = minibatch_indices(len(train_data.latent_means), config.batch_size, config.seed,
+                                start)
+
+    def step(state: TrainState, _) -> tuple[TrainState, dict]:
         rows = next(batches)
-        state, metrics = train_step(
+        return train_step(
             state, schedule, train_data.latent_means[rows], train_data.latent_logvars[rows],
             train_data.contexts[train_data.context_index[rows]], empty_context, scaling, key)
-        record = progress.update(step, **metrics) or record
-    train_seconds = time.perf_counter() - start
+
+    loop_start = time.perf_counter()
+    state = loop.run(state, start, step)
+    train_seconds = time.perf_counter() - loop_start
 
     ema_params = jax.device_get(state.ema_params)
     heldout_after = heldout_loss(ema_params, heldout)
     log(f"unet: held-out noise loss {heldout_before:.4f} -> {heldout_after:.4f} (EMA), "
         f"{train_seconds:.0f}s")
-    return UNetStageResult(model_config, ema_params, record["loss"], heldout_before,
-                           heldout_after, train_seconds)
+    return UNetStageResult(model_config, ema_params, read_metrics(workdir)[-1]["loss"],
+                           heldout_before, heldout_after, train_seconds)

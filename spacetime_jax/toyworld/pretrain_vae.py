@@ -29,8 +29,9 @@ import optax
 from spacetime_jax.data.latents import encode_moments
 from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
+from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
-from spacetime_jax.training.progress import Progress
+from spacetime_jax.training.progress import read_metrics
 
 MAX_HELD_OUT = 64  # images kept out of training (at most an eighth) to score reconstruction
 SCALING_SAMPLE = 2048  # images whose latents set the scaling factor
@@ -44,6 +45,12 @@ class VAEStageResult(NamedTuple):
     heldout_l1_before: float  # reconstruction L1 (posterior means) on held-out images, at init
     heldout_l1_after: float  # the same after training
     train_seconds: float  # the loop, compilation included
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint holds (a step's noise folds in the loop's step number)."""
+    params: Any
+    opt_state: Any
 
 
 def vae_config(config: ml_collections.ConfigDict, image_size: int) -> VAEConfig:
@@ -100,22 +107,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def make_train_step(model: AutoencoderKL, optimizer: optax.GradientTransformation,
                     kl_weight: float) -> Callable:
-    """(params, opt_state, uint8 images, key, step) -> (params, opt_state, metrics); compiled
-    once, params and optimizer state donated."""
+    """(state, uint8 images, key, step) -> (state, metrics); compiled once, the state
+    donated."""
 
     def loss_fn(params, images, rng):
         l1, kl = vae_losses(model, params, images, rng)
         return l1 + kl_weight * kl, (l1, kl)
 
-    def step(params, opt_state, images_uint8, key, step_index):
+    def step(state: TrainState, images_uint8, key, step_index):
         rng = jax.random.fold_in(key, step_index)
         (loss, (l1, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, to_model_range(images_uint8), rng)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "l1": l1,
-                                                                 "kl": kl}
+            state.params, to_model_range(images_uint8), rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return (TrainState(optax.apply_updates(state.params, updates), opt_state),
+                {"loss": loss, "l1": l1, "kl": kl})
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int) -> float:
@@ -128,19 +135,22 @@ def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int)
 def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: str | Path,
               log: Callable[[str], Any] = print) -> VAEStageResult:
     """Trains the autoencoder on uint8 images (N, S, S, 3) minus the last few (held out to
-    measure reconstruction); progress lines and workdir/metrics.jsonl."""
+    measure reconstruction). The loop (training/loop.py) writes progress lines,
+    workdir/metrics.jsonl and checkpoints in workdir/checkpoints, and resumes from the newest."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, S, S, 3) uint8, got {images.shape} {images.dtype}")
     held_out = max(1, min(MAX_HELD_OUT, len(images) // 8))
     train_images, heldout_images = images[:-held_out], images[-held_out:]
+    loop = stage_loop("vae", workdir, config,
+                      {"examples": len(images), "image_size": images.shape[1]}, LOG_LINES, log)
 
     # --- model, params, optimizer, compiled step
     model_config = vae_config(config, images.shape[1])
     model = AutoencoderKL(model_config)
     params = jax.device_put(init_params(model, images.shape[1], config.seed))
     optimizer = make_optimizer(config)
-    opt_state = optimizer.init(params)
+    initial = TrainState(params, optimizer.init(params))
     train_step = make_train_step(model, optimizer, config.kl_weight)
     reconstruction_l1 = make_reconstruction_l1(model)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -148,26 +158,26 @@ def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: st
         f"images, {config.steps} steps of {config.batch_size}")
     heldout_before = reconstruction_l1(params, heldout_images)
 
-    # --- loop
+    # --- restore or init, then the loop; a resumed run draws the batches and noise an
+    # uninterrupted one draws (the batch order skips what was taken, the noise folds in the step)
+    state, start = loop.restore_or_init(lambda: initial, jax.eval_shape(lambda: initial))
     key = jax.random.key(config.seed)
-    batches = minibatch_indices(len(train_images), config.batch_size, config.seed)
-    progress = Progress(config.steps, max(1, config.steps // LOG_LINES), workdir,
-                        log=lambda line: log(f"vae: {line}"))
-    start = time.perf_counter()
-    record = {}
-    for step in range(1, config.steps + 1):
-        params, opt_state, metrics = train_step(params, opt_state, train_images[next(batches)],
-                                                key, step)
-        record = progress.update(step, **metrics) or record
-    train_seconds = time.perf_counter() - start
+    batches = minibatch_indices(len(train_images), config.batch_size, config.seed, start)
+
+    def step(state: TrainState, step_number: int) -> tuple[TrainState, dict]:
+        return train_step(state, train_images[next(batches)], key, step_number)
+
+    loop_start = time.perf_counter()
+    state = loop.run(state, start, step)
+    train_seconds = time.perf_counter() - loop_start
 
     # --- held-out reconstruction and the scaling factor
-    heldout_after = reconstruction_l1(params, heldout_images)
-    params = jax.device_get(params)
+    heldout_after = reconstruction_l1(state.params, heldout_images)
+    params = jax.device_get(state.params)
     std = latent_std(model, params, train_images[:SCALING_SAMPLE], config.seed)
     model_config = dataclasses.replace(model_config, scaling_factor=1.0 / std)
     log(f"vae: held-out L1 {heldout_before:.4f} -> {heldout_after:.4f}, latent std "
         f"{std:.4f} -> scaling_factor {model_config.scaling_factor:.5f}, "
         f"{train_seconds:.0f}s")
-    return VAEStageResult(model_config, params, record["loss"], heldout_before, heldout_after,
-                          train_seconds)
+    return VAEStageResult(model_config, params, read_metrics(workdir)[-1]["loss"],
+                          heldout_before, heldout_after, train_seconds)

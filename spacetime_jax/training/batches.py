@@ -1,4 +1,5 @@
-"""Minibatch order for the pretraining stages: seeded, epoch by epoch."""
+"""Minibatch order for the pretraining stages: seeded, epoch by epoch, resumable at any
+step."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -6,13 +7,20 @@ from typing import Iterator
 import numpy as np
 
 
-def minibatch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+def minibatch_indices(n: int, batch_size: int, seed: int, start: int = 0
+                      ) -> Iterator[np.ndarray]:
     """Endless minibatches of indices into n examples: each epoch a fresh seeded permutation,
-    the ragged end dropped."""
+    the ragged end dropped. `start` skips the first `start` batches: a run resumed after step
+    `start` draws what an uninterrupted run draws from there."""
     if n < batch_size:
         raise ValueError(f"{n} training examples are fewer than batch_size={batch_size}")
+    per_epoch = n // batch_size
+    epoch, first = divmod(start, per_epoch)
     rng = np.random.default_rng(seed)
+    for _ in range(epoch):  # the permutations of the skipped epochs advance the generator
+        rng.permutation(n)
     while True:
         order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+        for batch in range(first, per_epoch):
+            yield order[batch * batch_size:(batch + 1) * batch_size]
+        first = 0

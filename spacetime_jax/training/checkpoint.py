@@ -132,7 +132,9 @@ def check_compatible(workdir: str | os.PathLike, config_dict: Mapping[str, Any],
 def _latest_saved_config(directory: epath.Path) -> dict[str, Any] | None:
     if not directory.exists():
         return None
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    # Not read_only: orbax warns "Given directory is read only" for every such manager, a
+    # line each run would print; this manager only reads (create=False, no cleanup, no save).
+    options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0)
     with ocp.CheckpointManager(directory, options=options) as manager:
         step = manager.latest_step()
         if step is None:

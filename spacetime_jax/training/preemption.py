@@ -39,13 +39,18 @@ class StopSignal:
 
     @property
     def name(self) -> str:
+        """The signal's name ("SIGTERM"), also on processes that learned of it from another."""
         return signal.Signals(self._received).name if self._received else ""
 
     def requested(self) -> bool:
         """Whether a signal came, on this process or (multi-host) on any: every process must
         stop at the same step, or the checkpoint's collective write would hang."""
-        received = self._received is not None
         if jax.process_count() == 1:
-            return received
+            return self._received is not None
         from jax.experimental import multihost_utils
-        return bool(np.max(multihost_utils.process_allgather(np.int32(received))))
+        # Decided from the gathered values alone: a signal landing on this process after the
+        # gather must not make it stop a step before the others.
+        received = int(np.max(multihost_utils.process_allgather(np.int32(self._received or 0))))
+        if received:
+            self._received = received
+        return bool(received)

@@ -8,31 +8,76 @@
 A line shows the step, each metric averaged over the steps since the previous line, the
 speed over those steps and the time left at that speed. Metrics are fetched from the device
 only when a line is written, so calling `update` every step does not stall the step's
-asynchronous dispatch. With a workdir and tensorboardX installed, the same scalars also go to
-workdir/tensorboard (`tensorboard --logdir WORKDIR`). In a multi-process run every process
-calls `update` and only process 0 prints and writes: one line per step for the run, one file.
+asynchronous dispatch. With a workdir (local or gs://), the records go to
+workdir/metrics.jsonl (a resumed run keeps the lines up to its start step) and, with
+tensorboardX installed, to workdir/tensorboard (`tensorboard --logdir WORKDIR`). In a
+multi-process run every process calls `update` and only process 0 prints and writes: one
+line per step for the run, one file.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
+from spacetime_jax.paths import PathLike, as_path, is_remote, write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def tensorboard_writer(workdir: Path):
-    """A tensorboardX SummaryWriter in workdir/tensorboard, or None without tensorboardX."""
+class TensorBoard:
+    """A tensorboardX writer into workdir/tensorboard. tensorboardX writes local files only:
+    for a gs:// workdir it writes into a local folder that `flush` copies to the bucket."""
+
+    def __init__(self, writer_class, workdir: PathLike):
+        self._target = as_path(workdir) / TENSORBOARD_DIR
+        self._local = (tempfile.mkdtemp(prefix="spacetime-tb-") if is_remote(workdir)
+                       else str(self._target))
+        self._writer = writer_class(self._local)
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+        self._mirror()
+
+    def close(self) -> None:
+        self._writer.close()
+        self._mirror()
+        if is_remote(self._target):
+            shutil.rmtree(self._local, ignore_errors=True)
+
+    def _mirror(self) -> None:
+        if not is_remote(self._target):
+            return
+        self._target.mkdir(parents=True, exist_ok=True)
+        for local in as_path(self._local).iterdir():
+            (self._target / local.name).write_bytes(local.read_bytes())
+
+
+def tensorboard_writer(workdir: PathLike) -> Optional[TensorBoard]:
+    """A TensorBoard writer for workdir/tensorboard, or None without tensorboardX."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(workdir / TENSORBOARD_DIR))
+    return TensorBoard(SummaryWriter, workdir)
+
+
+def read_metrics(workdir: PathLike, up_to_step: Optional[int] = None) -> list[dict]:
+    """The records of workdir/metrics.jsonl (those up to `up_to_step`), oldest first."""
+    path = as_path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if up_to_step is None or r.get("step", 0) <= up_to_step]
 
 
 def format_duration(seconds: float) -> str:
@@ -55,15 +100,16 @@ class Progress:
     compilation); the first line of a run logged at its first step shows no speed.
     """
 
-    def __init__(self, total_steps: int, log_every: int, workdir: Optional[str | Path] = None,
+    def __init__(self, total_steps: int, log_every: int, workdir: Optional[PathLike] = None,
                  start_step: int = 0, log: Callable[[str], Any] = print):
-        """`start_step`: the step a resumed run starts after (its steps count from there)."""
+        """`start_step`: the step a resumed run starts after (its steps count from there;
+        metrics.jsonl keeps the lines up to it and drops those a killed run wrote later)."""
         if total_steps < 1 or log_every < 1:
             raise ValueError(f"total_steps ({total_steps}) and log_every ({log_every}) must "
                              "be >= 1")
         self.total_steps = total_steps
         self.log_every = log_every
-        self.metrics_path = Path(workdir) / METRICS_FILE if workdir is not None else None
+        self.metrics_path = as_path(workdir) / METRICS_FILE if workdir is not None else None
         self.log = log
         self.start_time = time.perf_counter()
         # The speed window opens when the first step returns: that step's time is mostly
@@ -74,9 +120,14 @@ class Progress:
         self._tensorboard = None
         # Every process of a multi-process run steps through here; process 0 speaks for all.
         self._writes = jax.process_index() == 0
+        self._records: list[dict] = []
         if self.metrics_path is not None and self._writes:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self._tensorboard = tensorboard_writer(self.metrics_path.parent)
+            self._records = read_metrics(workdir, start_step)
+            self._tensorboard = tensorboard_writer(workdir)
+
+    def writes_at(self, step: int) -> bool:
+        """Whether `update(step)` writes a line (and so reads the metrics on the host)."""
+        return step % self.log_every == 0 or step == self.total_steps
 
     def update(self, step: int, **metrics: Any) -> Optional[dict]:
         """Records the step's metrics; returns the logged record on steps that write one."""
@@ -87,7 +138,7 @@ class Progress:
             self._window = (step, now)
         for name, value in metrics.items():
             self._pending.setdefault(name, []).append(value)
-        if step % self.log_every and step != self.total_steps:
+        if not self.writes_at(step):
             return None
         return self._write(step, now)
 
@@ -116,8 +167,10 @@ class Progress:
         self.log(f"step {step}/{self.total_steps} {shown} | {speed}, "
                  f"elapsed {format_duration(record['elapsed_s'])}")
         if self.metrics_path is not None:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            # Rewritten whole: a GCS object cannot be appended to, and a reader never sees
+            # half a line.
+            self._records.append(record)
+            write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
         if self._tensorboard is not None:
             for name, value in record.items():
                 if name != "step" and value is not None:
@@ -133,13 +186,3 @@ class Progress:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-
-
-def truncate_metrics(workdir: str | Path, last_step: int) -> None:
-    """Drops metric lines past the step a resumed run restarts from (no duplicates)."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
