@@ -64,6 +64,12 @@ def concept_specs(k: int, folder: Path, super_category: str | None) -> list[Conc
     return specs
 
 
+def concepts_per_hour(k: int, train_steps: int, seconds_per_step: float) -> float:
+    """Concepts a run of K concepts finishes per hour: each needs `train_steps` optimizer
+    steps, and one step trains all K."""
+    return k * 3600 / (train_steps * seconds_per_step)
+
+
 def measure(k: int, model: str, steps: int, super_category: str | None, folder: Path) -> dict:
     config = get_config("tiny")
     devices = jax.device_count()
@@ -113,8 +119,8 @@ def main() -> None:
     single = next(r for r in results if r["k"] == 1)
     rows = []
     for r in results:
-        batched = r["k"] * 3600 / (r["train_steps"] * r["seconds"])
-        sequential = 3600 / (single["train_steps"] * single["seconds"])
+        batched = concepts_per_hour(r["k"], r["train_steps"], r["seconds"])
+        sequential = concepts_per_hour(1, single["train_steps"], single["seconds"])
         rows.append([str(r["k"]), str(r["mesh"]), f"{r['seconds'] * 1e3:.0f}",
                      f"{r['compile']:.0f}", format_or_na(r["flops"] and r["flops"] / 1e9, ".2f"),
                      f"{batched:.1f}", f"{sequential:.1f}", f"{batched / sequential:.2f}",

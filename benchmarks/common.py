@@ -7,6 +7,7 @@ and memory as XLA reports them for the compiled step, or None ("n/a") where it r
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -111,6 +112,43 @@ def matmul_peak_flops(side: Optional[int] = None, *, steps: int = 5, warmup: int
     times, _ = time_fn(lambda: matmul(a, b), steps=steps, warmup=warmup)
     best = min(times)
     return 2.0 * side ** 3 / best, side
+
+
+# Dense bf16 peak FLOP/s per chip of known accelerators, by jax's device_kind (matched whole,
+# case-insensitively): the vendors' datasheet figures, without sparsity.
+PEAK_BF16_FLOPS = (
+    (r"TPU v4", 275e12, "TPU v4"),
+    (r"TPU v5 ?(lite|e)", 197e12, "TPU v5e"),
+    (r"TPU v5p?", 459e12, "TPU v5p"),
+    (r"TPU v6 ?(lite|e)", 918e12, "TPU v6e"),
+    (r"NVIDIA H100.*PCIe.*", 756e12, "H100 PCIe"),
+    (r"NVIDIA H100.*NVL.*", 835e12, "H100 NVL"),
+    (r"NVIDIA H100.*", 989e12, "H100 SXM"),
+    (r"NVIDIA H200.*", 989e12, "H200"),
+    (r"NVIDIA A100.*", 312e12, "A100"),
+    (r"NVIDIA L4", 121e12, "L4"),
+)
+
+
+def known_peak_flops(device_kind: str) -> Optional[tuple[float, str]]:
+    """(dense bf16 peak FLOP/s, the chip's name) of a known device kind, else None."""
+    for pattern, flops, name in PEAK_BF16_FLOPS:
+        if re.fullmatch(pattern, device_kind.strip(), flags=re.IGNORECASE):
+            return flops, name
+    return None
+
+
+def device_peak_bytes(device: Any = None) -> Optional[int]:
+    """The allocator's peak bytes in use on `device` (default: the first) since the process
+    started, or None where the backend keeps no such count (CPU)."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not implemented on some backends
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
 
 
 def device_description() -> str:

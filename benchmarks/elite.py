@@ -70,6 +70,7 @@ from spacetime_jax.neti.mapper import build_mapper, init_mapper_variables
 from spacetime_jax.neti.train import mapper_config_from
 from spacetime_jax.parallel import sharding
 from spacetime_jax.parallel.mesh import make_mesh
+from spacetime_jax.pipelines.sample_job import compute_dtype
 
 # CLIP ViT-L/14's vision tower (openai/clip-vit-large-patch14), written out because nothing
 # can be downloaded where this runs.
@@ -152,18 +153,21 @@ def stage_config(stage: str, size: str, resolution: int, batch: int):
     return config
 
 
-def random_sd15_model(config) -> EliteModel:
-    """SD 1.5 + CLIP ViT-L/14 vision, host-drawn random weights; no tokenizer (prompts are
+def random_sd15_model(config, frozen: Optional[FrozenModel] = None) -> EliteModel:
+    """SD 1.5 + CLIP ViT-L/14 vision, host-drawn random weights (`frozen`: SD 1.5's, already
+    drawn) in config.compute_dtype, as load_model loads them; no tokenizer (prompts are
     synthetic ids) and the placeholder an ordinary vocabulary row."""
-    frozen = build_frozen_model("sd15")
-    to_device = lambda tree: jax.tree.map(jnp.asarray, tree)
+    frozen = frozen or build_frozen_model("sd15")
+    dtype = compute_dtype(config.compute_dtype)
+    to_device = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
     vision_config = CLIPVisionConfig.from_dict(SD15_CLIP_VISION)
     vision_params = to_device(host_init(clip_vision_param_template(vision_config), SEED + 3))
     sd = StableDiffusion(
-        unet=UNet2DConditionModel(frozen.unet_config, local_branch=True),
-        unet_params=to_device(frozen.unet_params), vae=AutoencoderKL(frozen.vae_config),
+        unet=UNet2DConditionModel(frozen.unet_config, local_branch=True, dtype=dtype),
+        unet_params=to_device(frozen.unet_params),
+        vae=AutoencoderKL(frozen.vae_config, dtype=dtype),
         vae_params=to_device(frozen.vae_params), vae_config=frozen.vae_config,
-        text_encoder=CLIPTextTransformer(frozen.text_config),
+        text_encoder=CLIPTextTransformer(frozen.text_config, dtype=dtype),
         text_params=to_device(frozen.text_params), tokenizer=None,
         scheduler_config=SchedulerConfig(), source="random init, SD 1.5 shapes")
     placeholder_id = synthetic_prompts(frozen.text_config).placeholder_id
@@ -172,12 +176,13 @@ def random_sd15_model(config) -> EliteModel:
     encoder_config = encoder_config_for(vision_config, frozen.text_config.hidden_size,
                                         tuple(config.encoder.feature_layers),
                                         config.encoder.hidden_width)
-    return EliteModel(sd=sd, vision=CLIPVisionTransformer(vision_config),
+    return EliteModel(sd=sd, vision=CLIPVisionTransformer(vision_config, dtype=dtype),
                       vision_params=vision_params, text=text, encoder_config=encoder_config)
 
 
-def build_model(size: str, config) -> EliteModel:
-    return load_model(config) if size == "tiny" else random_sd15_model(config)
+def build_model(size: str, config, frozen: Optional[FrozenModel] = None) -> EliteModel:
+    """tiny: the shipped toy-world model; sd15: random weights (`frozen`: SD 1.5's, drawn)."""
+    return load_model(config) if size == "tiny" else random_sd15_model(config, frozen)
 
 
 def as_neti_frozen(model: EliteModel) -> FrozenModel:

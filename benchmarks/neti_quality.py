@@ -1,7 +1,7 @@
 """NeTI quality on the toy world's held-out concepts: concept fidelity and prompt fidelity.
 
   nice -n 10 python benchmarks/neti_quality.py [--model builtin:toyworld] [--steps 100,250,500]
-      [--out runs/neti_quality] [--elite-global DIR] [--elite-local DIR] [--methods ...]
+      [--out benchmarks/out/neti_quality] [--elite-global DIR] [--elite-local DIR] [--methods ...]
 
 The four held-out concepts of toyworld/concepts.py (a crescent, a blue-and-white striped arrow,
 an orange bolt: shapes pretraining never drew; a red heart with white dots: a combination it
@@ -91,7 +91,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
 
 from benchmarks.common import format_table
 from configs.neti import get_config
@@ -111,6 +110,7 @@ from spacetime_jax.neti.train import ConceptSpec, build_session, concepts_to_hos
 from spacetime_jax.parallel import sharding
 from spacetime_jax.parallel.mesh import make_mesh
 from spacetime_jax.pipelines.text_to_image import text_to_image
+from spacetime_jax.plots import tradeoff_plot, write_png_bytes
 from spacetime_jax.toyworld import fidelity
 from spacetime_jax.toyworld.captions import background_phrase
 from spacetime_jax.toyworld.concepts import (HELD_OUT_CONCEPTS, render_concept_images,
@@ -291,46 +291,20 @@ def check_super_categories(tokenizer, names: list[str], words: dict[str, str]) -
 def plot_tradeoff(path: Path, curve: list[tuple[str, float, float]],
                   others: list[tuple[str, float, float]]) -> None:
     """The fidelity-editability curve (labelled points joined in order) and other rows'
-    points; drawn with PIL (matplotlib is not a dependency)."""
-    width, height, margin, legend = 760, 480, 70, 120  # legend: room for labels on the right
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    ys = [y for _, _, y in curve + others]
-    spread = max(ys) - min(ys) or 0.01
-    # x is a fraction: its whole range, so that plots of different runs compare at a glance.
-    x_range, y_range = (-0.05, 1.05), (min(ys) - 0.1 * spread, max(ys) + 0.1 * spread)
-    px = lambda x: margin + (x - x_range[0]) / (x_range[1] - x_range[0]) * (
-        width - 2 * margin - legend)
-    py = lambda y: height - margin - (y - y_range[0]) / (y_range[1] - y_range[0]) * (
-        height - 2 * margin)
-    left, right, top, bottom = margin, width - margin - legend, margin, height - margin
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for i in range(5):
-        x, y = i / 4, y_range[0] + i * (y_range[1] - y_range[0]) / 4
-        draw.line([px(x), bottom, px(x), bottom + 4], fill="black")
-        draw.text((px(x) - 12, bottom + 8), f"{x:.2f}", fill="black")
-        draw.line([left - 4, py(y), left, py(y)], fill="black")
-        draw.text((left - 40, py(y) - 5), f"{y:.3f}", fill="black")
-    draw.text((width // 2 - 150, height - 30),
-              "prompt fidelity: background color right (edit prompts)", fill="black")
-    draw.text((8, 20), "concept fidelity: CLIP image similarity to the photos (edit prompts)",
-              fill="black")
-    draw.text((width // 2 - 140, 4), "NeTI fidelity-editability over truncation",
-              fill="black")
-    points = [(px(x), py(y)) for _, x, y in curve]
-    draw.line(points, fill=(30, 70, 220), width=2)
-    for (label, _, _), (x, y) in zip(curve, points):
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(30, 70, 220))
-        draw.text((x - 8 - 6 * len(label), y - 6), label, fill=(30, 70, 220))
-    for label, x, y in others:
-        x, y = px(x), py(y)
-        draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=(220, 30, 30))
-        draw.text((x + 6, y + 2), label, fill=(220, 30, 30))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    points, drawn with matplotlib (spacetime_jax/plots.py). x is a fraction: its whole range,
+    so that plots of different runs compare at a glance."""
+    write_png_bytes(path, tradeoff_plot(
+        curve, others, title="NeTI fidelity-editability over truncation",
+        x_label="prompt fidelity: background color right (edit prompts)",
+        y_label="concept fidelity: CLIP similarity to the photos (edit prompts)"))
 
 
-def sample_grid(path: Path, images: dict[str, np.ndarray], seeds_per_prompt: int) -> None:
+def seeds_text(seeds_per_prompt: int) -> str:
+    return ", ".join(str(SEED_OFFSET + i) for i in range(seeds_per_prompt))
+
+
+def sample_grid(path: Path, images: dict[str, np.ndarray], seeds_per_prompt: int,
+                title: str) -> None:
     """Per concept one row: the plain seeds, then the first seed of each edit background."""
     rows, labels = [], []
     for name, concept_images in images.items():
@@ -338,11 +312,13 @@ def sample_grid(path: Path, images: dict[str, np.ndarray], seeds_per_prompt: int
         rows.append(concept_images[list(range(seeds_per_prompt)) + edits])
         labels.append(f"<{name}>: plain x{seeds_per_prompt}, then on "
                       + ", ".join(edit_backgrounds(HELD_OUT_CONCEPTS[name].colors)))
-    save_grid(path, np.concatenate(rows), rows=len(rows), cols=len(rows[0]), row_labels=labels)
+    save_grid(path, np.concatenate(rows), rows=len(rows), cols=len(rows[0]), row_labels=labels,
+              title=f"{title}: plain seeds {seeds_text(seeds_per_prompt)}, then seed "
+                    f"{SEED_OFFSET} on each edit background")
 
 
 def truncation_grid(path: Path, images: dict[int, dict[str, np.ndarray]],
-                    seeds_per_prompt: int) -> None:
+                    seeds_per_prompt: int, title: str) -> None:
     """Per truncation one row (untruncated last): for each concept its first plain and first
     edit image."""
     order = sorted(t for t in images if t is not None) + [None]
@@ -351,7 +327,8 @@ def truncation_grid(path: Path, images: dict[int, dict[str, np.ndarray]],
     names = list(images[None])
     save_grid(path, np.concatenate(tiles), rows=len(order), cols=2 * len(names),
               row_labels=["no truncation" if t is None else f"truncation {t}" for t in order],
-              col_labels=[f"{n[:8]} {kind}" for n in names for kind in ("plain", "edit")])
+              col_labels=[f"{n} {kind}" for n in names for kind in ("plain", "edit")],
+              title=f"{title}: seed {SEED_OFFSET}, plain and first edit prompt per concept")
 
 
 # ---------------------------------------------------------------------------------------
@@ -654,15 +631,16 @@ def write_pictures(out: Path, rows: list[dict], images: dict, photos: dict,
     if curve:
         plot_tradeoff(out / "fidelity_editability.png", curve, others)
     save_grid(out / "photos.png", np.concatenate(list(photos.values())), rows=len(photos),
-              cols=NUM_PHOTOS, row_labels=[f"<{n}> training photos" for n in photos])
+              cols=NUM_PHOTOS, row_labels=[f"<{n}> training photos" for n in photos],
+              title="the training photos of each held-out concept (render seed 0)")
     for method, by_truncation in images.items():
         sample_grid(out / f"samples_{method}_step{last}.png", by_truncation[None],
-                    seeds_per_prompt)
+                    seeds_per_prompt, f"{method}, step {last}")
         if len(by_truncation) > 1:
             truncation_grid(out / f"samples_{method}_step{last}_truncations.png",
-                            by_truncation, seeds_per_prompt)
+                            by_truncation, seeds_per_prompt, f"{method}, step {last}")
     for method, by_concept in (elite_images or {}).items():
-        sample_grid(out / f"samples_{method}.png", by_concept, seeds_per_prompt)
+        sample_grid(out / f"samples_{method}.png", by_concept, seeds_per_prompt, method)
 
 
 def main() -> None:
@@ -686,7 +664,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--out", default="runs/neti_quality")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "neti_quality"),
+                        help="folder for the plot, grids, photos and results.json")
     args = parser.parse_args()
 
     milestones = parse_milestones(args.steps)

@@ -223,32 +223,34 @@ def adamw_settings() -> dict:
 
 
 def step_statics(frozen: FrozenModel, mapper: Any, mapper_config: MapperConfig, batch: int,
-                 dtype: Any) -> StepStatics:
-    """What the job's step closes over, for one micro-batch per optimizer step."""
+                 dtype: Any, grad_accum: int = 1) -> StepStatics:
+    """What the job's step closes over, for `grad_accum` micro-batches per optimizer step."""
     schedule_config = SchedulerConfig()
     return StepStatics(
         unet=UNet2DConditionModel(frozen.unet_config, dtype=dtype),
         text_encoder=CLIPTextTransformer(frozen.text_config, dtype=dtype), mapper=mapper,
         mapper_config=mapper_config, prediction_type=schedule_config.prediction_type,
-        scaling_factor=frozen.vae_config.scaling_factor, batch_size=batch, grad_accum=1,
+        scaling_factor=frozen.vae_config.scaling_factor, batch_size=batch,
+        grad_accum=grad_accum,
         num_train_timesteps=schedule_config.num_train_timesteps)
 
 
 def concept_data(frozen: FrozenModel, prompts: Prompts, encoding: dict, target_norm: float,
-                 resolution: int) -> ConceptData:
-    """One concept (K = 1) as the job stacks it; latent moments are random, of the shape the
-    cache holds (each image and its flip)."""
-    rows = 2 * NUM_IMAGES
+                 resolution: int, num_concepts: int = 1) -> ConceptData:
+    """`num_concepts` concepts (K; default one) as the job stacks them, each with its own
+    seed; latent moments are random, of the shape the cache holds (each image and its flip)."""
+    k, rows = num_concepts, 2 * NUM_IMAGES
     side = resolution // frozen.vae_config.downsample_factor
-    shape = (1, rows, side, side, frozen.vae_config.latent_channels)
+    shape = (k, rows, side, side, frozen.vae_config.latent_channels)
     rng = np.random.default_rng(SEED)
     moments = LatentMoments(mean=rng.standard_normal(shape).astype(np.float32),
                             logvar=np.full(shape, -2.0, np.float32))
-    data = ConceptData(moments=moments, num_rows=np.array([rows], np.int32),
-                       prompt_ids=prompts.ids[None], positions=prompts.positions[None],
-                       target_norms=np.array([target_norm], np.float32),
-                       seeds=np.array([SEED], np.uint32),
-                       encoding=jax.tree.map(lambda x: np.asarray(x)[None], encoding))
+    stack = lambda x: np.repeat(np.asarray(x)[None], k, axis=0)
+    data = ConceptData(moments=moments, num_rows=np.full((k,), rows, np.int32),
+                       prompt_ids=stack(prompts.ids), positions=stack(prompts.positions),
+                       target_norms=np.full((k,), target_norm, np.float32),
+                       seeds=(SEED + np.arange(k)).astype(np.uint32),
+                       encoding=jax.tree.map(stack, encoding))
     return jax.tree.map(jnp.asarray, data)
 
 

@@ -1,14 +1,16 @@
 """How often the toy-world model draws what the prompt says, measured from pixels.
 
   python benchmarks/toyworld_prompt_following.py [--model builtin:toyworld] [--num 64]
+      [--out benchmarks/out]
 
 Each of --num seeds gets a random prompt in the world's own words ("a photo of a red star on a
 green background": a plain object, a plain background of another color); every image is scored
 by the nearest-palette-color vote of toyworld/measure.py: the background color on the border,
 the object color among the other pixels. With 8 colors, chance is 1/8. Printed per guidance
-scale (1.0 = no classifier-free guidance), with the colors most often confused, and a grid of
-the first images (--grid) a person can look at. Target for the shipped model: background color
-right at least 80% of the time.
+scale (1.0 = no classifier-free guidance), with the colors most often confused; a grid of the
+first images, a person can look at, goes to --out (default benchmarks/out/, never the current
+folder) as toyworld_prompt_following.png. Target for the shipped model: background color right
+at least 80% of the time.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from spacetime_jax.visualize import save_grid
 
 SEED_OFFSET = 10_000  # away from the seeds of the pretraining's own validation
 GRID_COLUMNS = 8
+GRID_FILE = "toyworld_prompt_following.png"
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 def score(images: np.ndarray, prompts: list[tuple[str, str, str]]) -> dict:
@@ -50,8 +54,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--grid", default="toyworld_prompt_following.png",
-                        help="PNG of the first images at the last guidance scale")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help=f"folder for {GRID_FILE} (the first images at the last guidance "
+                             "scale)")
     args = parser.parse_args()
 
     sd = load_stable_diffusion(resolve_builtin(args.model))
@@ -72,9 +77,11 @@ def main() -> None:
               f"{seconds:8.3f}  {confused}")
     cols = min(GRID_COLUMNS, args.num)
     rows = min(4, args.num // cols)
-    save_grid(Path(args.grid), images[:rows * cols], rows=rows, cols=cols)
-    print(f"grid of the first {rows * cols} images (guidance {args.guidance[-1]}) -> "
-          f"{args.grid}")
+    grid = save_grid(Path(args.out) / GRID_FILE, images[:rows * cols], rows=rows, cols=cols,
+                     title=f"{args.model}, guidance {args.guidance[-1]:g}: the first "
+                           f"{rows * cols} scored prompts, seeds {seeds[0]}.."
+                           f"{seeds[rows * cols - 1]} (row by row)")
+    print(f"grid of the first {rows * cols} images (guidance {args.guidance[-1]}) -> {grid}")
 
 
 if __name__ == "__main__":

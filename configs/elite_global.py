@@ -7,6 +7,9 @@ Writes WORKDIR/encoder/ (encoder.json + global.safetensors: what stage 2 and per
 load), WORKDIR/checkpoints/ (orbax; rerunning the same command resumes), metrics.jsonl (loss,
 held-out loss) and WORKDIR/validation/step_N.png (held-out objects x prompts x seeds).
 
+model_revision pins the hub revision of model (a branch, tag or commit; "" = the default
+branch; a local folder ignores it); the encoder records it and personalization loads it.
+
 sd15: the reference's defaults: SD v1-4, CLIP ViT-L/14 at 224 px, 512 px crops of OpenImages'
       test split, batch 16 x 4 accumulation, base lr 1e-6 per sample scaled by the global batch
       x accumulation (6.4e-5), gradient clipping 1, ~70k steps. The global batch is split over
@@ -22,14 +25,26 @@ TOYWORLD_PROMPTS = ("a photo of a {}", "a photo of a {} on a green background",
                     "a photo of a {} on a purple background")
 
 
+VARIANTS = {  # get_config's variants (the default first), one line each for --help
+    "sd15": "the reference's defaults: SD v1-4, CLIP ViT-L/14, 512 px OpenImages crops, "
+            "batch 16 x 4 accumulation, ~70k steps",
+    "tiny": "the shipped toy-world model on toy objects written on first use, a few minutes "
+            "on 2 CPU cores",
+}
+
+
 def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "elite"
     c.stage = "global"
     c.model = "CompVis/stable-diffusion-v1-4"
+    c.model_revision = ""  # a hub id's branch, tag or commit; "" = its default branch
     # A transformers-layout CLIP vision folder or hub id; "" = the model folder's image_encoder/.
     c.image_encoder = "openai/clip-vit-large-patch14"
     c.compute_dtype = "float32"
+    # The U-Net's attention kernel: auto (cudnn on GPUs, splash on TPUs, xla elsewhere),
+    # xla, cudnn or splash (spacetime_jax/models/attention_kernels.py).
+    c.attention = "auto"
     c.placeholder = "S"  # replaced by the words; may be an existing word
     c.global_checkpoint = ""  # stage 2 only
     c.local_scale = 1.0       # stage 2 only: lambda in training
@@ -44,11 +59,16 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.data.validation_split = "validation"
     c.data.tfds_dir = ""         # where the tfds dataset is built; "" = the user cache
     c.data.resolution = 512      # crops are stored and trained at this size
-    c.data.min_side = 100
-    c.data.min_area = 0.02
+    # Stage 1's object filter, as the reference's OpenImagesDataset: boxes covering 0.02..0.8 of
+    # the image, whatever their side or aspect (0 / inf: no limit), padded by 10 px (clipped to
+    # the image). Stage 2 (configs/elite_local.py) filters otherwise.
+    c.data.min_side = 0          # pixels of the original image, both box sides
+    c.data.min_aspect = 0.0      # box width / height
+    c.data.max_aspect = float("inf")
+    c.data.min_area = 0.02       # box area / image area
     c.data.max_area = 0.8
     c.data.pad_min = 10          # crop padding in pixels, per object in [pad_min, pad_max]
-    c.data.pad_max = 19
+    c.data.pad_max = 10
     c.data.max_bad_fraction = 0.01
     c.data.prefetch = 2           # batches built ahead on a background thread
     c.data.prefetch_workers = 4   # threads building one batch's rows
@@ -92,7 +112,8 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     if arg == "tiny":
         apply_tiny(c)
     elif arg != "sd15":
-        raise ValueError(f"unknown variant {arg!r} of configs/elite_global.py (tiny, sd15)")
+        raise ValueError(f"unknown variant {arg!r} of configs/elite_global.py "
+                         f"({', '.join(VARIANTS)})")
     c.lock()
     return c
 
@@ -107,11 +128,12 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.data.split = "train"
     c.data.validation_split = "test"
     c.data.resolution = 64
-    # The reference's side filter scaled from ~1024 px photos to the toy world's 128 px. The
-    # crops keep 32..48 px of scene around the object: the toy U-Net was pretrained on whole
+    # The stage's side filter scaled from ~1024 px photos to the toy world's 128 px (stage 2:
+    # 100 -> 12 px; stage 1 has none); areas and aspect ratios need no scaling. The crops keep
+    # 32..48 px of scene around the object in both stages: the toy U-Net was pretrained on whole
     # scenes and cannot draw an object that fills the frame (held-out loss after 1000 steps
     # 0.043 with this context, 0.091 with the reference's tight 10..19 px scaled to 1..2).
-    c.data.min_side = 12
+    c.data.min_side = round(c.data.min_side * 128 / 1024)
     c.data.pad_min = 32
     c.data.pad_max = 48
     c.data.prefetch_workers = 1

@@ -34,6 +34,13 @@ TOYWORLD_PROMPTS = ("a photo of a {} on a green background",
                     "a photo of a {} on a yellow background")
 
 
+VARIANTS = {  # get_config's variants (the default first), one line each for --help
+    "sd15": "the reference's sampling: 100 LMS steps, guidance 5, lambdas 0.6 and 0.8",
+    "tiny": "the toy-world model's settings (64 px, 20 steps, guidance 4), for an encoder "
+            "trained with the tiny ELITE configs",
+}
+
+
 def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "elite_personalize"
@@ -48,16 +55,22 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.guidance_scale = 5.0
     c.sampler = "lms"
     c.batch_size = 8  # generated rows per compiled call (the last call is padded)
-    # "" = the ones the encoder was trained with (encoder.json).
+    # "" = the ones the encoder was trained with (encoder.json), at the revision it was
+    # trained on; model_revision pins a hub id's branch, tag or commit.
     c.model = ""
+    c.model_revision = ""
     c.image_encoder = ""
     c.compute_dtype = "float32"
+    # The U-Net's attention kernel: auto (cudnn on GPUs, splash on TPUs, xla elsewhere),
+    # xla, cudnn or splash (spacetime_jax/models/attention_kernels.py).
+    c.attention = "auto"
     if arg == "tiny":
         c.prompts = TOYWORLD_PROMPTS
         c.seeds = (0, 1)
         c.steps = 20
         c.guidance_scale = 4.0
     elif arg != "sd15":
-        raise ValueError(f"unknown variant {arg!r} of configs/elite_personalize.py (tiny, sd15)")
+        raise ValueError(f"unknown variant {arg!r} of configs/elite_personalize.py "
+                         f"({', '.join(VARIANTS)})")
     c.lock()
     return c

@@ -1,24 +1,37 @@
 """NeTI: learn one concept's neural space-time mapper on a frozen Stable Diffusion.
 
   python -m spacetime_jax.main --config=configs/neti.py:tiny --workdir=runs/cat \
-      --config.data.images=path/to/cat --config.concept.placeholder='<my-cat>' \
-      --config.concept.super_category=cat
+      --config.data.images=path/to/cat --config.concept.super_category=cat
 
-Writes WORKDIR/concept/ (mapper.safetensors + concept.json: the artifact the sampler loads),
-WORKDIR/checkpoints/ (orbax; rerunning the same command resumes), WORKDIR/metrics.jsonl and
-WORKDIR/validation/step_N/<name>.png (the reference's 4 prompts x 4 seeds).
+The concept is a folder of its photos (data.images). Its placeholder is the folder's name
+in angle brackets, spaces made '-' ("my cat" -> <my-cat>; concept.placeholder overrides it).
+Its super-category, one word of the model's vocabulary that says what it is (cat, toy,
+circle), must be given: a run without it stops before anything loads but the tokenizer and
+lists one-token nouns of the model.
 
-sd15: the reference's defaults exactly: SD 1.5, 512 px, batch 2 x 4 accumulation, lr 1e-3
-      scaled by batch x accumulation x the concept's data-parallel replicas (8e-3 on one
-      device), 1000 steps, checkpoints every 250, fp32, DPM-Solver++ 50 steps for validation.
-tiny: the README's main command: the shipped toy-world model (builtin:toyworld, 64 px) learns
-      the bundled held-out concept "crescent" (5 photos of a yellow crescent, a shape the
-      pretraining never drew; super-category "circle"), batch 2 x 2, 200 steps, then samples
-      it on prompted backgrounds (validation grid, 20 steps, at the end); a few minutes on
-      2 CPU cores:
-        python -m spacetime_jax.main --config=configs/neti.py:tiny --workdir=runs/crescent
-      -> runs/crescent/validation/step_000200/crescent.png (rows prompts, columns seeds).
-      Point data.images / concept.* elsewhere to learn another concept on the same model.
+Writes WORKDIR/concept/ (mapper.safetensors + concept.json: the artifact the sampler loads,
+with the training config, model and model_revision included), WORKDIR/checkpoints/ (orbax;
+rerunning the same command resumes), WORKDIR/metrics.jsonl and
+WORKDIR/validation/step_N/<name>.png (the validation prompts x seeds).
+
+model: a diffusers-layout folder or a hub id; model_revision pins a hub id's revision (a
+      branch, tag or commit hash; "" = the hub's default branch; a folder ignores it).
+sd15: the reference's defaults exactly: its base model, SD v1-4 (the NeTI paper and code
+      trained on CompVis/stable-diffusion-v1-4; SD 1.5 has the same shapes:
+      --config.model=stable-diffusion-v1-5/stable-diffusion-v1-5), 512 px, batch 2 x 4
+      accumulation, lr 1e-3 scaled by batch x accumulation x the concept's data-parallel
+      replicas (8e-3 on one device), 1000 steps, checkpoints every 250, fp32, DPM-Solver++
+      50 steps for validation on the reference's 4 prompts x 4 seeds.
+tiny: the shipped toy-world model (builtin:toyworld, 64 px): batch 2 x 2, 200 steps, then
+      a validation grid on the toy world's prompts (20 steps); about 2 minutes on 2 CPU
+      cores. Give data.images and concept.super_category (one of the world's shapes, such
+      as circle, star or heart).
+demo: the README's main command: tiny on the bundled held-out concept "crescent" (5 photos
+      of a yellow crescent, a shape the pretraining never drew; placeholder <crescent>,
+      super-category circle), then draws it on prompted backgrounds:
+        python -m spacetime_jax.main --config=configs/neti.py:demo --workdir=runs/crescent
+      -> runs/crescent/validation/step_000200/crescent.png (rows prompts, columns seeds)
+      and runs/crescent/concept/.
 """
 import ml_collections
 
@@ -32,15 +45,27 @@ TOYWORLD_PROMPTS = ("a photo of a {}", "a photo of a {} on a green background",
                     "a photo of a {} on a white background")
 
 
+VARIANTS = {  # get_config's variants (the default first), one line each for --help
+    "sd15": "the reference's defaults: SD v1-4, 512 px, batch 2 x 4 accumulation, 1000 steps",
+    "tiny": "the shipped toy-world model's settings, 200 steps, about 2 minutes on 2 CPU cores "
+            "(give data.images and concept.super_category)",
+    "demo": "the README's main command: tiny on the bundled crescent concept",
+}
+
+
 def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "neti"
-    c.model = "runwayml/stable-diffusion-v1-5"
+    c.model = "CompVis/stable-diffusion-v1-4"
+    c.model_revision = ""  # a hub id's branch, tag or commit; "" = its default branch
     c.compute_dtype = "float32"
+    # The U-Net's attention kernel: auto (cudnn on GPUs, splash on TPUs, xla elsewhere),
+    # xla, cudnn or splash (spacetime_jax/models/attention_kernels.py).
+    c.attention = "auto"
 
     c.concept = ml_collections.ConfigDict()
-    c.concept.placeholder = "<concept>"
-    c.concept.super_category = "object"
+    c.concept.placeholder = ""     # "" = <data.images' folder name>
+    c.concept.super_category = ""  # required: one token of the model's vocabulary
     c.concept.learnable_property = "object"  # object | style
 
     c.data = ml_collections.ConfigDict()
@@ -91,11 +116,8 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1})
 
-    if arg == "tiny":
+    if arg in ("tiny", "demo"):
         c.model = "builtin:toyworld"
-        c.concept.placeholder = "<crescent>"
-        c.concept.super_category = "circle"
-        c.data.images = str(ASSETS / "concepts" / "crescent")
         c.data.resolution = 64
         c.validation.prompts = TOYWORLD_PROMPTS
         c.validation.guidance_scale = 4.0
@@ -105,7 +127,10 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 50
         c.validation.every = 200
         c.validation.steps = 20
-    elif arg != "sd15":
-        raise ValueError(f"unknown variant {arg!r} of configs/neti.py (tiny, sd15)")
+    if arg == "demo":  # the placeholder comes from the folder's name: <crescent>
+        c.data.images = str(ASSETS / "concepts" / "crescent")
+        c.concept.super_category = "circle"
+    elif arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of configs/neti.py ({', '.join(VARIANTS)})")
     c.lock()
     return c

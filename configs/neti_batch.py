@@ -4,8 +4,8 @@
       --config.data.concepts=DIR
 
 DIR holds one sub-folder of images per concept (placeholder `<sub-folder>`, super-category
-concept.super_category, learnable property concept.learnable_property), or a manifest
-(DIR/concepts.csv, or --config.data.concepts=FILE.csv) with one concept per line:
+concept.super_category, required then, learnable property concept.learnable_property), or
+a manifest (DIR/concepts.csv, or --config.data.concepts=FILE.csv) with one concept per line:
 
     folder, placeholder, super-category[, object|style]
     cat_photos, <my-cat>, cat
@@ -54,9 +54,17 @@ def _single_concept_config(arg: str) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
+VARIANTS = {  # get_config's variants (the default first), one line each for --help
+    "sd15": "configs/neti.py:sd15's settings for every concept, concepts over all devices",
+    "tiny": "configs/neti.py:tiny's settings on the shipped toy-world model (a demo batch of "
+            "its held-out concepts)",
+}
+
+
 def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
-    if arg not in ("sd15", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} of configs/neti_batch.py (tiny, sd15)")
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of configs/neti_batch.py "
+                         f"({', '.join(VARIANTS)})")
     c = _single_concept_config(arg)
     c.unlock()
     # The concepts come from data.concepts; `concept` holds the sub-folders' defaults.

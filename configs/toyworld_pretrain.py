@@ -24,6 +24,13 @@ Override anything, e.g. --config.unet.steps=8000 --config.sample.guidance_scale=
 import ml_collections
 
 
+VARIANTS = {  # get_config's variants (the default first), one line each for --help
+    "full": "the shipped model (builtin:toyworld): 40k images, CLIP, VAE and U-Net, about "
+            "1 h on 2 CPU cores",
+    "smoke": "a few hundred images and a few steps per stage, a minute or two",
+}
+
+
 def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "toyworld_pretrain"
@@ -122,6 +129,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.sample.num_scored = 8
         c.sample.steps = 4
     elif arg != "full":
-        raise ValueError(f"unknown variant {arg!r} of configs/toyworld_pretrain.py (full, smoke)")
+        raise ValueError(f"unknown variant {arg!r} of configs/toyworld_pretrain.py "
+                         f"({', '.join(VARIANTS)})")
     c.lock()
     return c

@@ -20,7 +20,7 @@ defaults to python3) in one process that sees every visible GPU. Run it from the
   --gpus LIST         only these GPUs (sets CUDA_VISIBLE_DEVICES), e.g. 0,1
   --mem-fraction F    XLA_PYTHON_CLIENT_MEM_FRACTION, the share of each GPU's memory JAX
                       takes up front (default 0.9, or the variable's value when set)
-  --install           first `pip install -e <checkout> "jax[cuda12]"`; alone, only that
+  --install           first `pip install -c constraints.txt -e <checkout> "jax[cuda12]"`; alone, only that
   --dry-run           print the commands instead of running them
 
 Example:
@@ -61,7 +61,7 @@ if [[ ! $mem_fraction =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]]; then
 fi
 
 if ((install)); then
-  run "$python" -m pip install -e "$REPO_ROOT" "jax[cuda12]"
+  run "$python" -m pip install -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT" "jax[cuda12]"
   if [[ -z $config && -z $workdir && ${#extra_args[@]} -eq 0 ]]; then
     exit 0
   fi

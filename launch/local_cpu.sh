@@ -14,7 +14,7 @@ Usage: launch/local_cpu.sh --config CONFIG --workdir WORKDIR [--devices N] [--pr
 Runs `$PYTHON -m spacetime_jax.main --config=CONFIG --workdir=WORKDIR [extra]` (PYTHON
 defaults to python3) on the CPU (JAX_PLATFORMS=cpu). Run it from the checkout.
 
-  --config CONFIG     e.g. configs/neti.py:tiny
+  --config CONFIG     e.g. configs/neti.py:demo
   --workdir WORKDIR   the run's folder (rerunning the same command resumes)
   --devices N         virtual CPU devices per process (default 1), through
                       XLA_FLAGS=--xla_force_host_platform_device_count=N
@@ -28,8 +28,8 @@ defaults to python3) on the CPU (JAX_PLATFORMS=cpu). Run it from the checkout.
   --dry-run           print the commands instead of running them
 
 Example:
-  launch/local_cpu.sh --config configs/neti.py:tiny --workdir runs/crescent --devices 4
-  launch/local_cpu.sh --config configs/neti.py:tiny --workdir runs/crescent-2p \
+  launch/local_cpu.sh --config configs/neti.py:demo --workdir runs/crescent --devices 4
+  launch/local_cpu.sh --config configs/neti.py:demo --workdir runs/crescent-2p \
       --devices 2 --processes 2
 EOF
 }
@@ -56,7 +56,7 @@ while (($#)); do
   esac
 done
 
-require_option --config "$config" "e.g. configs/neti.py:tiny"
+require_option --config "$config" "e.g. configs/neti.py:demo"
 require_option --workdir "$workdir" "e.g. runs/crescent"
 require_positive_int --devices "$devices"
 require_positive_int --processes "$processes"

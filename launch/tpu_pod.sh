@@ -294,7 +294,7 @@ install_on_workers() {
   local make_venv="$py -m venv $REMOTE_DIR/.venv"
   local apt_python
   apt_python="sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(quote_word "$python-venv")"
-  local remote_install="set -e; mkdir -p $REMOTE_DIR; tar -xzf $REMOTE_TARBALL -C $REMOTE_DIR; $make_venv || { $apt_python && $make_venv --clear; }; $venv_python -m pip install -q --upgrade pip; $venv_python -m pip install -q -e $REMOTE_DIR \"jax[tpu]\" -f $LIBTPU_LINKS"
+  local remote_install="set -e; mkdir -p $REMOTE_DIR; tar -xzf $REMOTE_TARBALL -C $REMOTE_DIR; $make_venv || { $apt_python && $make_venv --clear; }; $venv_python -m pip install -q --upgrade pip; $venv_python -m pip install -q -c $REMOTE_DIR/constraints.txt -e $REMOTE_DIR \"jax[tpu]\" -f $LIBTPU_LINKS"
   run mkdir -p "$REPO_ROOT/dist"
   run git -C "$REPO_ROOT" archive --format=tar.gz "--output=$tarball" "$ref"
   tpu_vm scp "$tarball" "$name:$REMOTE_TARBALL" --worker=all

@@ -1,21 +1,29 @@
-"""Command-line entry: `python -m spacetime_jax.main --config=configs/X.py[:variant] --workdir=W`.
+"""Command-line entry: `spacetime-jax --config=NAME[:variant] --workdir=W`, the same as
+`python -m spacetime_jax.main --config=configs/NAME.py[:variant] --workdir=W`.
 
-Dispatches on `config.method`. Bad input a person can fix ends the run with one line on
-stderr naming the problem and exit status 2; nothing already written is removed.
+`--help` lists the built-in configs and their variants; `--print_config` prints the config
+after the command line's overrides and exits. Dispatches on `config.method`. Bad input a
+person can fix ends the run with one line on stderr naming the problem and exit status 2;
+nothing already written is removed.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from spacetime_jax import cli
 from spacetime_jax.errors import UserError, exit_with
 from spacetime_jax.paths import resolve, resolve_config_paths
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A built-in config NAME[:variant] (see --help) or a config file "
+    "(configs/NAME.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this run's outputs and checkpoints.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the config (after the "
+                                  "--config.KEY=VALUE overrides) and exit without running.")
 
 
 def _jobs():
@@ -61,12 +69,15 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    if config is None or not _WORKDIR.value:
-        exit_with("--config and --workdir are required")
+    if config is None or not (_WORKDIR.value or _PRINT_CONFIG.value):
+        exit_with("--config and --workdir are required (--help lists the built-in configs)")
     try:
         config.method  # a config file that failed to load raises on first use
     except OSError as err:
         exit_with(str(err).strip().splitlines()[-1].strip())
+    if _PRINT_CONFIG.value:
+        print(cli.format_config(config, cli.config_source(sys.argv)))  # as typed
+        return
     try:
         run(config, _WORKDIR.value)
     except UserError as err:
@@ -74,25 +85,36 @@ def main(argv) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with config errors (a bad file, variant or key) as one line and exit 2."""
+    """absl's parser after our --help and a built-in config name resolved to its file, with
+    config errors (a bad file, variant or key) as one line and exit 2."""
+    if any(arg in cli.HELP_FLAGS for arg in argv[1:]):
+        print(cli.help_text())
+        raise SystemExit(0)
+    resolved = cli.resolve_config_name(argv)
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(resolved)
     except Exception as err:  # ml_collections raises many types while applying overrides
-        exit_with(_describe_flag_error(err, argv))
+        exit_with(_describe_flag_error(err, resolved, cli.config_source(argv)))
 
 
-def _describe_flag_error(err: Exception, argv: list[str]) -> str:
-    text = str(err)
-    overrides = [a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.")]
-    unknown = [o for o in overrides if any(f"'{part}'" in text for part in o.split(".")[1:])]
-    if isinstance(err, (AttributeError, KeyError)):
-        return (f"--{unknown[0] if unknown else 'config'}: no such key in the config (unknown "
-                "keys are errors; see the config file for the keys it has)")
+def _describe_flag_error(err: Exception, argv: list[str], source: str | None) -> str:
+    unknown = cli.unknown_key_error(argv, source) if source else None
+    if unknown:
+        return unknown
     # ml_collections wraps the config file's own exception, traceback and all: its last
     # line is the message a person needs.
+    text = str(err)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"bad command line: {lines[-1] if lines else type(err).__name__}"
+    last = lines[-1] if lines else type(err).__name__
+    if "Error whilst parsing config file" in text:  # get_config raised: a wrong variant, say
+        return f"--config={source}: {last.split(': ', 1)[-1]}"
+    return f"bad command line: {last}"
+
+
+def console() -> None:
+    """The `spacetime-jax` console command (setup.py's entry point)."""
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    console()

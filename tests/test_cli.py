@@ -54,10 +54,19 @@ def test_bad_input_ends_with_one_clear_line_and_nonzero_exit(cache, tmp_path, ov
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_config_variant_is_named(cache, tmp_path):
+def test_unknown_config_variant_is_named_with_the_variants(cache, tmp_path):
     result = run_main("--config=configs/sample.py:huge", f"--workdir={tmp_path}", cache=cache)
-    assert result.returncode != 0
-    assert "unknown variant 'huge'" in result.stderr
+    assert result.returncode == 2
+    assert ("error: --config=configs/sample.py:huge: unknown variant 'huge' of "
+            "configs/sample.py (sd15, tiny, neti, neti_tiny)") in result.stderr
+
+
+def test_unknown_config_key_is_named_with_the_closest_key(cache, tmp_path):
+    result = run_main("--config=configs/sample.py:tiny", f"--workdir={tmp_path}",
+                      "--config.sample.stepz=2", cache=cache)
+    assert result.returncode == 2
+    assert ("error: --config.sample.stepz: no such key in configs/sample.py:tiny; did you "
+            "mean sample.steps?") in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

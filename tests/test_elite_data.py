@@ -2,6 +2,8 @@
 writer that makes such a folder."""
 import csv
 import dataclasses
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,84 @@ def test_config_name_holds_every_setting():
         data.ObjectCropsConfig(min_aspect=3.0)
 
 
+# ------------------------------------------------------------------- each stage's filters
+
+STAGE_SIZE = 400  # px of the source images
+# Boxes (width, height) in 400 x 400 images, and the stages that keep them (METHODS.md): stage 1
+# (global) keeps area 0.02..0.8 of the image, any side or aspect; stage 2 (local) keeps both
+# sides >= 100 px and aspect 0.5..2, any area.
+STAGE_OBJECTS = {
+    "both": ((150, 150), {"global", "local"}),     # area 0.14, sides 150, aspect 1
+    "small": ((60, 60), {"global"}),               # area 0.0225; sides 60 < 100
+    "long": ((300, 120), {"global"}),              # area 0.225; aspect 2.5 > 2
+    "large": ((380, 380), {"local"}),              # area 0.9025 > 0.8; sides 380, aspect 1
+    "tiny": ((40, 40), set()),                     # area 0.01 < 0.02; sides 40 < 100
+}
+
+
+def _stage_config(stage: str) -> data.ObjectCropsConfig:
+    from spacetime_jax.cli import builtin_configs, load_config_module
+    config = load_config_module(builtin_configs()[f"elite_{stage}"]).get_config("sd15")
+    config.data.resolution = 32  # small crops: the filters and padding are the stage's own
+    return data.crops_config(config.data)
+
+
+@pytest.fixture(scope="module")
+def stage_source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stages") / "src"
+    for name, ((width, height), _) in STAGE_OBJECTS.items():
+        image, mask = _rectangle_object(width, height, size=STAGE_SIZE)
+        _write_object(root / "train", name, image, mask)
+    return root
+
+
+def test_each_stage_keeps_the_objects_of_its_own_filters(stage_source, tmp_path):
+    data_dir = tmp_path / "tfds"  # one data_dir for both stages: a build per setting
+    for stage in ("global", "local"):
+        config = _stage_config(stage)
+        examples = data.open_object_crops(stage_source, config, data_dir, "train")
+        kept = {examples[i]["image_id"].decode() for i in range(len(examples))}
+        assert kept == {name for name, (_, stages) in STAGE_OBJECTS.items() if stage in stages}
+    builds = sorted(p.name for p in (data_dir / data.DATASET_NAME).iterdir())
+    assert builds == sorted([_stage_config("global").name, _stage_config("local").name])
+    dropped = {stage: data.ObjectCrops(config=_stage_config(stage), data_dir=data_dir)
+               .info.metadata["dropped"]["train"] for stage in ("global", "local")}
+    assert dropped == {"global": {"empty": 0, "area": 2, "side": 0, "aspect": 0},
+                       "local": {"empty": 0, "area": 0, "side": 2, "aspect": 1}}
+
+
+def test_stage_settings_are_the_references():
+    stage1, stage2 = _stage_config("global"), _stage_config("local")
+    assert (stage1.min_area, stage1.max_area, stage1.min_side) == (0.02, 0.8, 0)
+    assert (stage1.min_aspect, stage1.max_aspect) == (0, float("inf"))
+    assert (stage1.pad_min, stage1.pad_max) == (10, 10)  # the reference: min(10, to the edge)
+    assert (stage2.min_side, stage2.min_aspect, stage2.max_aspect) == (100, 0.5, 2.0)
+    assert (stage2.min_area, stage2.max_area) == (0, 1)
+    assert (stage2.pad_min, stage2.pad_max) == (10, 19)  # random.choice(range(10, 20))
+    assert stage1.name == "crop32_side0_aspect0-inf_area0.02-0.8_pad10-10_bad0.01"
+    assert stage2.name == "crop32_side100_aspect0.5-2_area0-1_pad10-19_bad0.01"
+
+
+def test_toy_variants_scale_only_the_pixel_settings():
+    from spacetime_jax.cli import builtin_configs, load_config_module
+    toy = {stage: data.crops_config(load_config_module(
+        builtin_configs()[f"elite_{stage}"]).get_config("tiny").data)
+        for stage in ("global", "local")}
+    assert toy["global"].name == "crop64_side0_aspect0-inf_area0.02-0.8_pad32-48_bad0.01"
+    assert toy["local"].name == "crop64_side12_aspect0.5-2_area0-1_pad32-48_bad0.01"
+
+
+def test_stage_one_crop_is_the_box_padded_by_ten_pixels(stage_source, tmp_path):
+    example = data.open_object_crops(stage_source, _stage_config("global"), tmp_path, "train")
+    by_id = {example[i]["image_id"].decode(): example[i] for i in range(len(example))}
+    image, mask = _rectangle_object(150, 150, size=STAGE_SIZE)
+    # The box is rows and columns 8..157; padded by 10 and clipped to the image: 0..167.
+    window = (0, 0, 168, 168)
+    expected_image, expected_mask = data.crop_object(image, mask, window, 32)
+    np.testing.assert_array_equal(by_id["both"]["image"], expected_image)
+    np.testing.assert_array_equal(by_id["both"]["mask"], expected_mask)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -236,6 +316,29 @@ def test_corrupt_image_within_the_bad_share_is_counted_not_replaced(tmp_path):
     assert _build(root, tmp_path, tolerant) == {"train": 3}
     metadata = data.ObjectCrops(config=tolerant, data_dir=tmp_path / "tfds").info.metadata
     assert metadata["unreadable"] == {"train": 1}
+
+
+def test_hostile_files_are_counted_unreadable_and_logged_by_name(tmp_path, caplog):
+    split = tmp_path / "src" / "train"
+    for i in range(3):
+        _write_object(split, f"good{i}", *_rectangle_object(30, 30))
+    _write_object(split, "bomb", *_rectangle_object(30, 30))
+    _write_object(split, "nomask", *_rectangle_object(30, 30))
+    # A PNG claiming 9000 x 9000 pixels (over MAX_PIXELS), and an empty mask file.
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+    (split / "images" / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    (split / "masks" / "nomask_thing_0.png").write_bytes(b"")
+    tolerant = dataclasses.replace(CONFIG, max_bad_fraction=0.5)
+    assert _build(tmp_path / "src", tmp_path, tolerant) == {"train": 3}
+    metadata = data.ObjectCrops(config=tolerant, data_dir=tmp_path / "tfds").info.metadata
+    assert metadata["unreadable"] == {"train": 2}
+    assert "refused image " in caplog.text
+    assert "bomb.png: 9000 x 9000 = 81000000 pixels" in caplog.text
+    assert "nomask_thing_0.png: the file is empty (0 bytes)" in caplog.text
 
 
 def test_split_emptied_by_the_filters_is_rejected(tmp_path):

@@ -180,7 +180,7 @@ def test_unreadable_files_are_user_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         load_state_dict_file(tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="not a readable PyTorch state dict"):
+    with pytest.raises(UserError, match="not a readable PyTorch file"):
         load_state_dict_file(tmp_path / "junk.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(UserError, match="not an ELITE mapper state dict"):

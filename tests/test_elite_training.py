@@ -78,7 +78,17 @@ def train_in_process(session, source, config, steps: int):
                                 session.batch_sharding, t.batch_size)
         state, metrics = step(state, batch, session.frozen, session.schedule, jnp.uint32(t.seed))
     assert np.isfinite(float(metrics["loss"]))
-    return initial, jax.device_get(state.params)
+    trained = jax.device_get(state.params)
+    # Both stages: a step whose loss is not finite reports NaN and applies no update.
+    arrays = train.batch_arrays(source, spec, steps, t.grad_accum)
+    pixels = next(key for key, value in sorted(arrays.items())
+                  if np.issubdtype(value.dtype, np.floating) and value.ndim >= 4)
+    arrays[pixels] = np.full_like(arrays[pixels], np.nan)
+    poisoned, metrics = step(state, train.to_global(arrays, session.batch_sharding, t.batch_size),
+                             session.frozen, session.schedule, jnp.uint32(t.seed))
+    assert np.isnan(float(metrics["loss"])), (pixels, metrics["loss"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(poisoned.params), trained)
+    return initial, trained
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +225,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp, objects, cli_env, g
     ({"data.validation_split": "val"}, "no split 'val'"),
     ({"validation.token_index": "first"}, "validation.token_index='first'"),
     ({"train.remat_policy": "most"}, "train.remat_policy='most' is unknown"),
+    ({"train.steps": 0}, "train.steps=0: it takes a whole number >= 1"),
+    ({"train.batch_size": -2}, "train.batch_size=-2: it takes a whole number >= 1"),
+    ({"train.learning_rate": -0.1}, "train.learning_rate=-0.1: it takes a positive finite"),
+    ({"train.learning_rate": float("nan")}, "train.learning_rate=nan: it takes a positive"),
+    ({"validation.every": 5, "validation.sampler": "heun"},
+     "validation.sampler='heun' is unknown; use one of ddim, dpmpp_2m, euler, lms"),
 ])
 def test_bad_input_is_one_line(tmp, objects, cli_env, overrides, words):
     workdir = tmp / f"bad_{len(os.listdir(tmp))}"

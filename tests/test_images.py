@@ -1,4 +1,6 @@
 """Concept image loading and the cached VAE latent moments."""
+import struct
+import zlib
 from pathlib import Path
 
 import jax
@@ -9,7 +11,7 @@ from PIL import Image
 
 from spacetime_jax.data import latents
 from spacetime_jax.data.images import (ImageError, find_image_files, hflip, load_concept_images,
-                                       load_image)
+                                       load_image, read_upright, to_rgb)
 from spacetime_jax.data.latents import (LatentMoments, concept_latent_cache, encode_moments,
                                         sample_latents)
 from spacetime_jax.errors import UserError
@@ -96,7 +98,8 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     values = np.array([[0, 257 * 128], [65535, 257 * 40]], np.uint16)
     path = tmp_path / "depth16.png"
     Image.fromarray(values).save(path)
-    assert Image.open(path).mode.startswith("I")
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")
     loaded = load_image(path, 2)
     np.testing.assert_array_equal(loaded[..., 0], [[0, 128], [255, 40]])
     np.testing.assert_array_equal(loaded[..., 0], loaded[..., 2])
@@ -162,6 +165,112 @@ def test_text_file_named_png_is_an_error_naming_it(tmp_path):
         load_image(fake, 16)
 
 
+def _png(rows: np.ndarray, color_type: int, bit_depth: int = 16) -> bytes:
+    """A PNG written by hand (PIL cannot write 16-bit colour): rows (H, W[, C]) of samples."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    height, width = rows.shape[:2]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    raw = b"".join(b"\0" + row.astype(dtype).tobytes() for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
+    samples = np.array([[[0, 32768, 65535], [2570, 51400, 300]]], np.uint16)  # 1 x 2 RGB
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_png(samples, color_type=2))
+    pixels = np.asarray(to_rgb(read_upright(path)), int)
+    assert np.abs(pixels - samples / 257).max() <= 1  # 65535 -> 255, not clipped to white
+
+
+def test_sixteen_bit_rgba_png_is_composited_onto_white(tmp_path):
+    samples = np.array([[[65535, 0, 0, 65535], [0, 0, 65535, 0]]], np.uint16)
+    path = tmp_path / "rgba16.png"
+    path.write_bytes(_png(samples, color_type=6))
+    loaded = load_image(path, 2)[0]  # 2 x 1 -> 2 x 2: rows repeated
+    assert np.abs(loaded[0].astype(int) - RED).max() <= 1
+    np.testing.assert_array_equal(loaded[1], WHITE)  # fully transparent blue: the background
+
+
+def test_png_named_jpg_is_read_by_its_content(tmp_path):
+    pixels = _gradient(16, 16)
+    path = tmp_path / "actually_a_png.jpg"
+    Image.fromarray(pixels).save(path, format="PNG")
+    np.testing.assert_array_equal(load_image(path, 16), pixels)  # lossless: no JPEG decode
+
+
+@pytest.mark.parametrize("frames_format", ["GIF", "WEBP"])
+def test_animation_gives_its_first_frame(tmp_path, frames_format):
+    frames = [Image.fromarray(_color_block(8, 8, color)) for color in (RED, GREEN, BLUE)]
+    path = tmp_path / f"anim.{frames_format.lower()}"
+    frames[0].save(path, format=frames_format, save_all=True, append_images=frames[1:],
+                   **({"lossless": True} if frames_format == "WEBP" else {}))
+    with Image.open(path) as img:
+        assert img.n_frames == 3
+    np.testing.assert_array_equal(load_image(path, 8), _color_block(8, 8, RED))
+
+
+# Stored 2 wide x 3 high, values 0..5 row by row; each EXIF orientation as a viewer shows it
+# (EXIF 2.3: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 cw, 7 transverse,
+# 8 rotate 90 ccw).
+STORED = np.arange(6).reshape(3, 2)
+UPRIGHT = {1: STORED, 2: STORED[:, ::-1], 3: STORED[::-1, ::-1], 4: STORED[::-1],
+           5: STORED.T, 6: np.rot90(STORED, -1), 7: np.rot90(STORED)[:, ::-1],
+           8: np.rot90(STORED)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_upright(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    Image.fromarray((STORED * 40).astype(np.uint8)).save(path, exif=exif.tobytes())
+    shown = np.asarray(read_upright(path)) // 40
+    np.testing.assert_array_equal(shown, UPRIGHT[orientation])
+
+
+def test_unreadable_exif_is_shown_as_stored(tmp_path, caplog):
+    path = tmp_path / "bad_exif.jpg"
+    Image.fromarray(_gradient(16, 8)).save(path, quality=95, exif=b"Exif\0\0MM\0*garbage")
+    assert load_image(path, 8).shape == (8, 8, 3)
+    assert read_upright(path).size == (16, 8)
+    # PIL's warning names no file; it is logged with the file's name.
+    assert "bad_exif.jpg: Corrupt EXIF data" in caplog.text
+
+
+def test_empty_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"^cannot read image .*zero\.png: the file is empty "
+                                         r"\(0 bytes\)$"):
+        load_image(tmp_path / "zero.png", 8)
+
+
+def test_truncated_png_is_an_error_naming_it(tmp_path):
+    whole = _save(_gradient(64, 64), tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(ImageError, match=r"^cannot read image .*cut\.png: truncated"):
+        load_image(tmp_path / "cut.png", 8)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("tiff.png", b"II*\0\x08\0\0\0" + b"\0" * 32),
+    # PIL's EPS decoder would start Ghostscript; it is never tried.
+    ("postscript.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")])
+def test_formats_outside_the_list_are_refused_by_content(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ImageError, match=rf"^cannot read image .*{name}: not a PNG, JPEG, WebP, "
+                                         r"GIF or BMP image"):
+        load_image(tmp_path / name, 8)
+
+
+def test_missing_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ImageError, match=r"cannot read image .*gone\.png: no such file"):
+        load_image(tmp_path / "gone.png", 8)
+
+
 def test_hflip_reverses_columns_only():
     images = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
     flipped = hflip(images)
@@ -217,18 +326,18 @@ def test_file_instead_of_folder_is_an_error(tmp_path):
 
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageError, match=r"no images \(\.jpg, \.jpeg, \.png, \.webp, \.bmp\) in "
-                                         r".*empty$"):
+    with pytest.raises(ImageError, match=r"no images \(\.jpg, \.jpeg, \.png, \.webp, \.bmp, "
+                                         r"\.gif\) in .*empty$"):
         load_concept_images(tmp_path / "empty", 16)
 
 
 def test_folder_without_images_names_what_it_holds(tmp_path):
     folder = tmp_path / "wrong"
     folder.mkdir()
-    (folder / "cat.gif").write_bytes(b"GIF89a")
+    (folder / "cat.tiff").write_bytes(b"II*\0")
     (folder / "readme.txt").write_text("x")
     (folder / ".DS_Store").write_text("x")
-    with pytest.raises(ImageError, match=r"no images .* in .*wrong; it holds only: cat\.gif, "
+    with pytest.raises(ImageError, match=r"no images .* in .*wrong; it holds only: cat\.tiff, "
                                          r"readme\.txt$"):
         load_concept_images(folder, 16)
 

@@ -92,7 +92,8 @@ def test_tpu_pod_install_ships_the_commit_and_pip_installs_on_every_worker():
         "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv && "
         "python3.11 -m venv spacetime-jax/.venv --clear; }; "
         "spacetime-jax/.venv/bin/python -m pip install -q --upgrade pip; "
-        'spacetime-jax/.venv/bin/python -m pip install -q -e spacetime-jax "jax[tpu]" '
+        "spacetime-jax/.venv/bin/python -m pip install -q -c spacetime-jax/constraints.txt "
+        '-e spacetime-jax "jax[tpu]" '
         "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html")
     assert dry_run("tpu_pod.sh", "install", *POD) == [
         shlex.join(["mkdir", "-p", f"{REPO}/dist"]),
@@ -406,12 +407,14 @@ def test_gpu_host_installs_then_runs_one_process_on_the_chosen_gpus():
     assert dry_run("gpu_host.sh", "--install", "--config", "configs/neti.py:sd15",
                    "--workdir", "runs/cat", "--gpus", "0,1", "--",
                    "--config.concept.placeholder=<my-cat>") == [
-        shlex.join(["python3", "-m", "pip", "install", "-e", str(REPO), "jax[cuda12]"]),
+        shlex.join(["python3", "-m", "pip", "install", "-c", f"{REPO}/constraints.txt", "-e",
+                    str(REPO), "jax[cuda12]"]),
         shlex.join(["env", "CUDA_VISIBLE_DEVICES=0,1", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
                     "python3", "-m", "spacetime_jax.main", "--config=configs/neti.py:sd15",
                     "--workdir=runs/cat", "--config.concept.placeholder=<my-cat>"])]
     assert dry_run("gpu_host.sh", "--install") == [
-        shlex.join(["python3", "-m", "pip", "install", "-e", str(REPO), "jax[cuda12]"])]
+        shlex.join(["python3", "-m", "pip", "install", "-c", f"{REPO}/constraints.txt", "-e",
+                    str(REPO), "jax[cuda12]"])]
 
 
 def test_gpu_host_bad_arguments_end_with_one_clear_error():

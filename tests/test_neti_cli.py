@@ -368,6 +368,18 @@ BAD_TRAINING_INPUT = [
     pytest.param("good", {"concept.learnable_property": "texture"},
                  "concept.learnable_property='texture': use 'object' or 'style'",
                  id="learnable-property"),
+    pytest.param("good", {"train.steps": 0}, "train.steps=0: it takes a whole number >= 1",
+                 id="zero-steps"),
+    pytest.param("good", {"train.learning_rate": -1e-3},
+                 "train.learning_rate=-0.001: it takes a positive finite number",
+                 id="negative-lr"),
+    pytest.param("good", {"validation.every": 2, "validation.sampler": "euler_x"},
+                 "validation.sampler='euler_x' is unknown; use one of", id="unknown-sampler"),
+    pytest.param("good", {"mesh.data": 3}, "needs 3 devices; 1 are present",
+                 id="mesh-bigger-than-devices"),
+    pytest.param("good", {"attention": "flash"},
+                 "attention='flash' is unknown; use one of auto, xla, cudnn, splash",
+                 id="unknown-attention-kernel"),
 ]
 
 
@@ -461,13 +473,15 @@ def test_sampling_writes_a_prompt_by_truncation_grid_and_each_image(sample_job):
     assert sorted(p.name for p in out.glob("*.png")) == sorted([*singles, "grid_seed42.png"])
 
     grid = np.asarray(Image.open(out / "grid_seed42.png").convert("RGB"))
-    row_height = MIN_TILE + LABEL_HEIGHT  # each row: its prompt's label strip, then images
-    assert grid.shape == (LABEL_HEIGHT + len(SAMPLE_PROMPTS) * row_height,
+    # The title and column-label strips, then each row: its prompt's label strip, then images.
+    header = 2 * LABEL_HEIGHT
+    row_height = MIN_TILE + LABEL_HEIGHT
+    assert grid.shape == (header + len(SAMPLE_PROMPTS) * row_height,
                           len(columns) * MIN_TILE, 3)
     for name, (row, col) in singles.items():
         image = np.asarray(Image.open(out / name))
         assert image.shape == (64, 64, 3)
-        top = LABEL_HEIGHT + row * row_height + LABEL_HEIGHT
+        top = header + row * row_height + LABEL_HEIGHT
         tile = grid[top:top + MIN_TILE, col * MIN_TILE:(col + 1) * MIN_TILE]
         # Tiles are the 64 px images enlarged 2x (nearest): row = prompt, column = truncation.
         assert np.array_equal(tile, image.repeat(2, axis=0).repeat(2, axis=1)), name

@@ -113,7 +113,7 @@ def test_unknown_remat_policy_is_named(tiny_unet):
 # ----------------------------------------------------------------------------- NeTI steps
 
 def tiny_config(**overrides):
-    config = get_config("tiny")
+    config = get_config("demo")
     config.update_from_flattened_dict(overrides)
     return config
 

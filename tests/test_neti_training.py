@@ -24,7 +24,7 @@ EVAL_DRAWS = 256  # (example, noise, timestep) triples per loss: the loss is a n
 
 
 def tiny_config(**overrides):
-    config = get_config("tiny")
+    config = get_config("demo")
     config.update_from_flattened_dict(overrides)
     return config
 

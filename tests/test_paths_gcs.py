@@ -28,7 +28,7 @@ from spacetime_jax.neti.concept import Concept, load_concept, save_concept
 from spacetime_jax.neti.mapper import MapperConfig
 from spacetime_jax.paths import copy_tree
 from spacetime_jax.tools.make_tiny_model import make_tiny_model
-from spacetime_jax.visualize import save_grid
+from spacetime_jax.visualize import LABEL_HEIGHT, save_grid
 
 EXIF_ORIENTATION = 0x0112
 CROPS = td.toyworld_config(64, crop_size=32)
@@ -212,8 +212,8 @@ def test_grid_written_to_a_bucket_decodes(bucket):
     path = save_grid(str(bucket / "grids" / "step_1.png"), images, rows=2, cols=3,
                      col_labels=["a", "b", "c"], scale=1)
     decoded = np.asarray(Image.open(io.BytesIO(path.read_bytes())))
-    assert decoded.shape == (12 + 2 * 8, 3 * 8, 3)
-    np.testing.assert_array_equal(decoded[12 + 8:, 16:], images[5])
+    assert decoded.shape == (LABEL_HEIGHT + 2 * 8, 3 * 8, 3)
+    np.testing.assert_array_equal(decoded[LABEL_HEIGHT + 8:, 16:], images[5])
 
 
 def test_official_state_dict_is_read_from_a_bucket(bucket):

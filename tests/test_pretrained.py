@@ -139,6 +139,100 @@ def test_hub_id_resolves_from_a_filled_cache_offline(tiny_dir, tmp_path):
     assert "could not resolve hub id 'tiny-org/absent'" in missing.stderr
 
 
+# The files of a hub repo in diffusers layout as the hub lists them: both weight formats and
+# fp16 variants in the sub-models, a bin-only VAE, a safety checker and root checkpoints.
+HUB_FILES = ["model_index.json", "README.md", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "unet/diffusion_pytorch_model.non_ema.bin", "unet/diffusion_pytorch_model.msgpack",
+             "vae/config.json", "vae/diffusion_pytorch_model.bin",
+             "vae/diffusion_pytorch_model.fp16.bin",
+             "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+             "text_encoder/model-00001-of-00002.safetensors",
+             "text_encoder/model-00002-of-00002.safetensors", "text_encoder/pytorch_model.bin",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+             "safety_checker/config.json", "safety_checker/model.safetensors"]
+
+
+def test_hub_downloads_take_safetensors_and_bin_only_where_a_folder_has_no_safetensors():
+    from spacetime_jax.models.pretrained import hub_allow_patterns
+    assert hub_allow_patterns(HUB_FILES) == [
+        "*.json", "*.txt", "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.bin", "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors"]
+    # A transformers repo (a CLIP vision tower): the weights at its root.
+    assert hub_allow_patterns(["config.json", "model.safetensors", "pytorch_model.bin",
+                               "tf_model.h5", "flax_model.msgpack"]) == [
+        "*.json", "*.txt", "model.safetensors"]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub's listing and snapshot_download, recorded; the snapshot is an empty
+    folder (online) and the cache is empty (offline)."""
+    import huggingface_hub
+    calls = {"list": [], "download": []}
+
+    def list_repo_files(repo_id, *, revision=None, **kwargs):
+        calls["list"].append((repo_id, revision))
+        if calls.get("offline"):
+            raise ConnectionError("no network")
+        return HUB_FILES
+
+    def snapshot_download(repo_id, *, revision=None, local_files_only=False,
+                          allow_patterns=None, **kwargs):
+        calls["download"].append({"repo_id": repo_id, "revision": revision,
+                                  "local_files_only": local_files_only,
+                                  "allow_patterns": allow_patterns})
+        if local_files_only:
+            raise FileNotFoundError(f"{repo_id} is not in the cache")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_model_revision_reaches_the_hub_and_the_default_branch_is_none(fake_hub, tmp_path):
+    from spacetime_jax.models.pretrained import resolve_model_dir
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert resolve_model_dir("org/sd", revision=commit) == tmp_path
+    assert resolve_model_dir("org/sd") == tmp_path
+    assert fake_hub["list"] == [("org/sd", commit), ("org/sd", None)]
+    assert [(d["revision"], d["allow_patterns"][2]) for d in fake_hub["download"]] == [
+        (commit, "unet/diffusion_pytorch_model.safetensors"),
+        (None, "unet/diffusion_pytorch_model.safetensors")]
+
+
+def test_a_local_folder_ignores_the_revision(fake_hub, tiny_dir):
+    from spacetime_jax.models.pretrained import resolve_model_dir
+    assert resolve_model_dir(tiny_dir, revision="v1.0") == tiny_dir
+    assert fake_hub == {"list": [], "download": []}
+
+
+def test_an_unreachable_hub_uses_the_cache_and_names_the_hubs_reason(fake_hub):
+    from spacetime_jax.models.pretrained import resolve_model_dir
+    fake_hub["offline"] = True
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model_dir("org/sd", revision="v2")
+    assert fake_hub["download"] == [{"repo_id": "org/sd", "revision": "v2",
+                                     "local_files_only": True, "allow_patterns": None}]
+    assert ("could not resolve hub id 'org/sd' at revision 'v2': ConnectionError: no network"
+            in str(err.value))
+
+
+def test_configs_with_a_model_have_a_revision_key_and_hub_defaults_that_resolve():
+    from spacetime_jax.cli import builtin_configs, load_config_module
+    configs = builtin_configs()
+    defaults = {name: load_config_module(configs[name]).get_config()
+                for name in ("neti", "neti_batch", "sample", "elite_global", "elite_local",
+                             "elite_personalize")}
+    assert all(config.model_revision == "" for config in defaults.values())
+    assert defaults["neti"].model == "CompVis/stable-diffusion-v1-4"  # the reference's
+    assert defaults["elite_global"].model == "CompVis/stable-diffusion-v1-4"
+    assert defaults["sample"].model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
 # ----------------------------------------------------------------------------------------
 # Bad input: each names the problem.
 

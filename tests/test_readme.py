@@ -31,8 +31,9 @@ def readme_commands() -> list[str]:
 
 def test_the_readme_names_the_main_sampling_and_test_commands():
     setup_and_main, sample, tests = readme_commands()
-    assert "pip install" in setup_and_main and "spacetime_jax.main" in setup_and_main
-    assert "configs/sample.py:neti" in sample
+    assert "pip install -c constraints.txt" in setup_and_main
+    assert setup_and_main.split("&&")[-1].strip().startswith("spacetime-jax --config=neti:")
+    assert sample.startswith("spacetime-jax --config=sample:neti")
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert tests in ci_lines, "CI must run the README's test command"
 
@@ -46,7 +47,7 @@ def checkout_root(tmp_path_factory) -> Path:
 
 
 def run_in(root: Path, command: str) -> subprocess.CompletedProcess:
-    # `python` is this test's interpreter (the environment the install made).
+    # `python` and `spacetime-jax` are this test's environment's (what the install made).
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     return subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from spacetime_jax.models.builtin import TOYWORLD_DIR
 from spacetime_jax.models.tokenizer import (BOS_TOKEN, EOS_TOKEN, TokenizerError, TokenizerInfo,
                                             add_placeholder_tokens, build_clip_tokenizer_files,
                                             check_prompt_length, find_token_positions,
                                             load_tokenizer, resize_token_embedding,
-                                            single_token_id, tokenize)
+                                            single_token_id, super_category_words, tokenize,
+                                            unknown_words, warn_unknown_words, whole_words)
 
 WORDS = "a photo of red star on green background close-up cat teddy bear".split()
 
@@ -130,6 +132,53 @@ def test_super_category_must_be_one_token(tokenizer):
     with pytest.raises(TokenizerError,
                        match="super-category 'teddy bear' is 2 tokens; it must be exactly one"):
         single_token_id(tokenizer, "teddy bear")
+
+
+def test_a_word_that_is_not_one_token_is_offered_the_nearest_that_are(tokenizer):
+    # Its own one-token words first, then the vocabulary's whole words nearest in spelling.
+    with pytest.raises(TokenizerError, match=r"'teddy bear' is 2 tokens; it must be exactly "
+                                             r"one \(one-token words like it: teddy, bear\)"):
+        single_token_id(tokenizer, "teddy bear")
+    with pytest.raises(TokenizerError, match=r"\(one-token words like it: star\)"):
+        single_token_id(tokenizer, "starr")
+    # Nothing near: the caller's alternatives.
+    with pytest.raises(TokenizerError, match=r"'object' is 6 tokens; it must be exactly one "
+                                             r"\(one-token words of this model: cat, star\)"):
+        single_token_id(tokenizer, "object", alternatives=["cat", "star"])
+
+
+def test_whole_words_are_the_vocabularys_word_entries(tokenizer):
+    assert whole_words(tokenizer) == sorted(["background", "bear", "cat", "close", "green",
+                                             "of", "on", "photo", "red", "star", "teddy", "up"])
+
+
+def test_super_category_words_are_the_common_and_world_nouns_that_are_one_token(tokenizer):
+    assert super_category_words(tokenizer) == ["cat", "star"]
+    toy = load_tokenizer(TOYWORLD_DIR / "tokenizer")
+    assert super_category_words(toy) == ["circle", "square", "triangle", "star", "hexagon",
+                                         "diamond", "cross", "ring", "heart"]
+
+
+def test_unknown_words_are_those_the_tokenizer_cannot_spell_whole(tokenizer):
+    prompts = ["A photo of a {} on a beach", "a {} on GREEN background, close-up", "2 cats"]
+    assert unknown_words(tokenizer, prompts) == ["beach", "cats"]  # "a": one byte, one token
+    assert unknown_words(tokenizer, prompts, known={"a", "photo", "of", "on"}) == [
+        "beach", "green", "background", "close", "up", "cats"]
+
+
+def test_the_toy_model_knows_its_worlds_words_not_every_whole_word_of_its_tokenizer(capsys):
+    toy = load_tokenizer(TOYWORLD_DIR / "tokenizer")
+    assert toy.tokenize("beach") == ["beach</w>"]  # its tokenizer spells it, no caption had it
+    reference = ["A photo of a {}", "A photo of a {} on a beach", "App icon of {}",
+                 "A painting of {} in the style of Monet"]
+    assert warn_unknown_words(toy, reference, "sample.prompts", "builtin:toyworld") == [
+        "beach", "app", "icon", "monet"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: sample.prompts: builtin:toyworld never saw 'beach', "
+                           "'app', 'icon', 'monet' in pretraining")
+    world = ["a photo of a small {} on a purple checkered background", "a {} close-up"]
+    assert warn_unknown_words(toy, world, "validation.prompts", "builtin:toyworld") == []
+    assert capsys.readouterr().err == ""
 
 
 def test_placeholder_positions(tokenizer):

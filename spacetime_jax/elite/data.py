@@ -22,6 +22,15 @@ image, have both sides >= `min_side` pixels and an aspect ratio (w / h) in
 from a hash of the mask's name, so a rebuild is identical), clipped to the image, and resized to
 `crop_size` x `crop_size` without keeping its aspect ratio.
 
+The two ELITE stages filter differently, as the reference's two data sets do (its
+OpenImagesDataset and OpenImagesDatasetWithMask; METHODS.md): stage 1 (global) keeps boxes
+covering 0.02..0.8 of the image whatever their side or aspect, padded by 10 px; stage 2 (local)
+keeps boxes with both sides >= 100 px and an aspect ratio in 0.5..2 whatever their area, padded
+by 10..19 px. configs/elite_global.py and configs/elite_local.py set these as data.* keys
+(min_side 0, min_aspect 0, max_aspect inf, min_area 0, max_area 1: that filter is off), and
+crops_config turns a config's data section into the builder config. Each setting is its own
+tfds config (its name holds every value), so the two stages' builds never share a folder.
+
 Example schema:
   image      (crop_size, crop_size, 3) uint8, the crop
   mask       (crop_size, crop_size, 1) uint8, 255 on the object, 0 elsewhere
@@ -57,8 +66,9 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, ImageOps
+from PIL import Image
 
+from spacetime_jax.data.images import ImageError, read_upright, to_rgb
 from spacetime_jax.errors import UserError
 from spacetime_jax.paths import as_path, copy_tree, is_remote, resolve
 
@@ -76,7 +86,6 @@ ASPECT_TOLERANCE = 0.01
 # CSV box without area).
 DROP_REASONS = ("empty", "area", "side", "aspect")
 _SPLIT_NAME = re.compile(r"^[\w-]+$")  # what tfds accepts as a split name (it names files)
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _BAD_NAMES_SHOWN = 5
 
 _log = logging.getLogger(__name__)
@@ -96,12 +105,14 @@ logging.getLogger("absl").addFilter(_TfdsNoise())
 
 @dataclasses.dataclass(eq=False)
 class ObjectCropsConfig(tfds.core.BuilderConfig):
-    """The crop size and the reference's object filters. The name is derived from the values,
-    so builds with different settings never share a folder."""
+    """The crop size, object filters and padding. The defaults apply both stages' filters at
+    once (the stages' own settings: crops_config of configs/elite_global.py / elite_local.py).
+    The name is derived from the values, so builds with different settings never share a
+    folder."""
     name: str = dataclasses.field(init=False, default="")
     crop_size: int = 512
     min_side: float = 100.0  # pixels of the original image, both box sides
-    min_aspect: float = 0.5  # box width / height
+    min_aspect: float = 0.5  # box width / height; 0 and inf: no limit
     max_aspect: float = 2.0
     min_area: float = 0.02  # box area / image area
     max_area: float = 0.8
@@ -124,8 +135,8 @@ def _check_settings(config: ObjectCropsConfig) -> None:
         problems.append(f"crop_size must be >= 1, got {config.crop_size}")
     if config.min_side < 0:
         problems.append(f"min_side must be >= 0, got {config.min_side}")
-    if not 0 < config.min_aspect <= config.max_aspect:
-        problems.append(f"need 0 < min_aspect <= max_aspect, got {config.min_aspect}, "
+    if not 0 <= config.min_aspect <= config.max_aspect:
+        problems.append(f"need 0 <= min_aspect <= max_aspect, got {config.min_aspect}, "
                         f"{config.max_aspect}")
     if not 0 <= config.min_area <= config.max_area <= 1:
         problems.append(f"need 0 <= min_area <= max_area <= 1, got {config.min_area}, "
@@ -136,6 +147,16 @@ def _check_settings(config: ObjectCropsConfig) -> None:
         problems.append(f"max_bad_fraction must lie in [0, 1), got {config.max_bad_fraction}")
     if problems:
         raise UserError("bad object-crop settings: " + "; ".join(problems))
+
+
+def crops_config(data) -> ObjectCropsConfig:
+    """The builder config of a run config's `data` section (configs/elite_global.py,
+    configs/elite_local.py): its crop size (`resolution`), filters and padding."""
+    return ObjectCropsConfig(crop_size=data.resolution, min_side=data.min_side,
+                             min_aspect=data.min_aspect, max_aspect=data.max_aspect,
+                             min_area=data.min_area, max_area=data.max_area,
+                             pad_min=data.pad_min, pad_max=data.pad_max,
+                             max_bad_fraction=data.max_bad_fraction)
 
 
 # ---------------------------------------------------------------- the source folder's listing
@@ -244,18 +265,15 @@ def list_split(split_dir: str | os.PathLike) -> SplitSource:
 
 
 def read_image(path: epath.Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB as displayed (EXIF orientation applied). Raises OSError/ValueError
-    types on unreadable files: every byte is decoded here, not lazily later."""
-    with path.open("rb") as f, Image.open(f) as img:
-        img.load()
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), np.uint8)
+    """uint8 (H, W, 3) RGB as displayed (data/images.py's opener: upright, every byte decoded
+    here). Raises ImageError naming the file."""
+    return np.asarray(to_rgb(read_upright(path)), np.uint8)
 
 
 def read_mask(path: epath.Path) -> np.ndarray:
-    """bool (H, W): the object where the mask is nonzero (in any channel)."""
-    with path.open("rb") as f, Image.open(f) as img:
-        img.load()
-        pixels = np.asarray(img)
+    """bool (H, W), upright: the object where the mask is nonzero (in any channel). Raises
+    ImageError naming the file."""
+    pixels = np.asarray(read_upright(path, "mask"))
     return pixels.any(axis=-1) if pixels.ndim == 3 else pixels != 0
 
 
@@ -345,7 +363,7 @@ class _ImageCache:
             self._path, self._pixels, self._error = path, None, None
             try:
                 self._pixels = read_image(path)
-            except _READ_ERRORS as err:
+            except ImageError as err:
                 self._error = err
         if self._error is not None:
             raise self._error
@@ -365,6 +383,11 @@ class ObjectCrops(tfds.core.GeneratorBasedBuilder):
         # No pre-registered configs: tfds refuses a config object that is not the registered
         # one of the same name, and every setting is a runtime choice here.
         super().__init__(config=config or ObjectCropsConfig(), **kwargs)
+
+    def is_prepared(self) -> bool:
+        # tfds warns "Variant folder ... has no dataset_info.json" when asked about a build
+        # that does not exist yet, i.e. on every first run: no such file, nothing is built.
+        return (self.data_path / "dataset_info.json").exists() and super().is_prepared()
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.crop_size
@@ -399,14 +422,14 @@ class ObjectCrops(tfds.core.GeneratorBasedBuilder):
             image_path = source.images[name.image_id]
             try:
                 image = images.get(image_path)
-            except _READ_ERRORS as err:
-                _log.error("unreadable image %s (object %s): %s", image_path, mask_path.name, err)
+            except ImageError as err:
+                _log.error("object %s: %s", mask_path.name, err)  # err names the file
                 unreadable.append(f"images/{image_path.name}")
                 continue
             try:
                 mask = read_mask(mask_path)
-            except _READ_ERRORS as err:
-                _log.error("unreadable mask %s: %s", mask_path, err)
+            except ImageError as err:
+                _log.error("object %s: %s", mask_path.name, err)
                 unreadable.append(f"masks/{mask_path.name}")
                 continue
             height, width = image.shape[:2]

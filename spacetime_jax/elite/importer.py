@@ -10,6 +10,8 @@ local_mapper.pt has the same layout; its to_k / to_v are the local projections, 
 on our to_k_local / to_v_local. The attn2 path with '.' -> '_' is exactly our Flax path joined
 by '_' (Flax names list members `down_blocks_0`), which gives the key table below.
 Linear weights (out, in) become Dense kernels (in, out); LayerNorm weight becomes scale.
+The .pt files are read by read_torch_file: torch.load(weights_only=True), nothing else
+unpickled (the NeTI importer reads its official files through it too).
 
 CLI (writes the encoder folder that personalization reads, see artifact.py):
   python -m spacetime_jax.elite.importer --global_mapper G.pt [--local_mapper L.pt] \
@@ -17,9 +19,15 @@ CLI (writes the encoder folder that personalization reads, see artifact.py):
 """
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import io
 import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -154,26 +162,94 @@ def to_official(mapper_params: Any, kv: Any) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------- files
 
-def _torch():
+def torch_or_exit():
+    """torch, which only the importers need (an extra: the install without it trains and
+    samples)."""
     try:
         import torch
     except ImportError as err:
-        raise UserError("reading an official ELITE checkpoint (.pt) needs PyTorch: "
-                        "pip install torch") from err
+        raise UserError('reading an official checkpoint (.pt) needs PyTorch, an extra: '
+                        'pip install -c constraints.txt -e ".[torch]" in the checkout') from err
     return torch
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A torch.save'd state dict (local or gs://) -> name -> float32 numpy array (no code is
-    unpickled)."""
-    torch = _torch()
+def _python3_name(name: str) -> str:
+    """A global as Python 3 spells it: pickle protocol 2 writes Python 2 names
+    (subprocess.check_call as commands.check_call), torch writes builtins.eval as `eval`."""
+    if "." not in name:
+        return f"builtins.{name}"
+    module, attribute = name.rsplit(".", 1)
+    module, attribute = _compat_pickle.NAME_MAPPING.get(
+        (module, attribute), (_compat_pickle.IMPORT_MAPPING.get(module, module), attribute))
+    return f"{module}.{attribute}"
+
+
+def _weights_only_refusal(err: Exception) -> str:
+    """torch's weights-only error (paragraphs of advice) -> its one-line reason."""
+    text = str(err)
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return f"it names {_python3_name(named.group(1))}"
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        names = {op.code: op.name for op in pickletools.opcodes}
+        code = int(opcode.group(1))
+        return (f"it uses pickle opcode {names.get(chr(code), code)}, which the weights-only "
+                f"loader does not run")
+    advice = ("Weights only load failed", "Check the documentation", "Please file", "(1)", "(2)")
+    reasons = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.strip().startswith(advice)]
+    return " ".join((reasons[-1] if reasons else text).split())[:200]
+
+
+def read_torch_file(path: str | os.PathLike, *, what: str, holds: str,
+                    safe_globals: Sequence[tuple[Any, str]] = ()) -> Any:
+    """torch.load(weights_only=True) of a local or gs:// .pt file that nobody vouches for; both
+    importers read the official checkpoints through it.
+
+    Torch's restricted unpickler builds tensors, storages and plain containers (OrderedDict,
+    set, ...) and nothing else; `safe_globals` adds exact (object, "module.name") pairs (the
+    NeTI importer's stand-ins). A file naming any other Python global (os.system, eval, a numpy
+    or torch function) is refused before any of it runs. Only the zip archive torch.save writes
+    since PyTorch 1.6 is read (not the legacy pickle-stream and tar formats), its records
+    stored uncompressed as torch.save stores them, so loading takes no more memory than the
+    file. Every refusal is a one-line UserError naming the file; `what` names its kind
+    ("NeTI checkpoint"), `holds` what an official one holds ("tensors only").
+    """
+    torch = torch_or_exit()
     try:
-        state = torch.load(io.BytesIO(as_path(path).read_bytes()), map_location="cpu",
-                           weights_only=True)
+        raw = as_path(path).read_bytes()
     except FileNotFoundError:
-        raise UserError(f"ELITE checkpoint not found: {path}") from None
-    except Exception as err:  # torch raises many kinds for a file that is not its own
-        raise UserError(f"{path} is not a readable PyTorch state dict: {err}") from None
+        raise UserError(f"{what} not found: {path}") from None
+    if not zipfile.is_zipfile(io.BytesIO(raw)):
+        raise UserError(f"{path} is not a readable PyTorch file: not the zip archive torch.save "
+                        f"writes (PyTorch >= 1.6)")
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        compressed = [i.filename for i in archive.infolist()
+                      if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise UserError(f"{path} refused: its record {compressed[0]} is compressed, which "
+                        f"torch.save never writes; nothing in it was read")
+    with torch.serialization.safe_globals(list(safe_globals)):
+        try:
+            with warnings.catch_warnings():  # torch's notices (pickle protocol, ...): one line
+                warnings.simplefilter("ignore")
+                return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{path} refused: an official {what} holds {holds}, but "
+                            f"{_weights_only_refusal(err)}; nothing in it was run") from None
+        except Exception as err:  # torch raises many kinds for a file that is not its own
+            reason = " ".join(str(err).split())[:200]
+            raise UserError(f"{path} is not a readable PyTorch file: {type(err).__name__}: "
+                            f"{reason}") from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A torch.save'd state dict (local or gs://) -> name -> float32 numpy array. Read by
+    read_torch_file with nothing added to torch's list: an official ELITE file is
+    `torch.save(mapper.state_dict())`, tensors only."""
+    torch = torch_or_exit()
+    state = read_torch_file(path, what="ELITE checkpoint", holds="tensors only")
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} is not an ELITE mapper state dict (a dict of tensors, as "
                         f"torch.save(mapper.state_dict()) writes)")
@@ -240,6 +316,9 @@ def import_to_artifact(global_mapper: str, model: str, out: str,
     from spacetime_jax.models.pretrained import read_json, resolve_model_dir
     from spacetime_jax.models.unet import UNetConfig
 
+    # The checkpoints first: a file that is refused costs no model resolution or download.
+    global_state = load_state_dict_file(global_mapper)
+    local_state = None if local_mapper is None else load_state_dict_file(local_mapper)
     model_dir = resolve_model_dir(resolve_builtin(model))
     unet_config = UNetConfig.from_dict(read_json(model_dir / "unet" / "config.json", "unet"))
     text_config = CLIPTextConfig.from_dict(
@@ -248,7 +327,6 @@ def import_to_artifact(global_mapper: str, model: str, out: str,
         image_encoder = REFERENCE_IMAGE_ENCODER
     vision_config = read_vision_config(image_encoder or model_dir / "image_encoder")
 
-    global_state = load_state_dict_file(global_mapper)
     # The reference hard-codes the MLPs' hidden width; read it off the checkpoint.
     first = global_state.get("mapping_0.0.weight")
     config = encoder_config_for(vision_config, text_config.hidden_size, feature_layers,
@@ -256,9 +334,8 @@ def import_to_artifact(global_mapper: str, model: str, out: str,
     template = unet_param_shapes(unet_config)
     mapper, kv = import_global(global_state, config, template)
     local = None
-    if local_mapper is not None:
-        local_mapper_params, local_kv = import_local(load_state_dict_file(local_mapper), config,
-                                                     template)
+    if local_state is not None:
+        local_mapper_params, local_kv = import_local(local_state, config, template)
         local = {"mapper": local_mapper_params, "kv": local_kv}
     extra = {"imported_from": {"global_mapper": str(global_mapper),
                                "local_mapper": None if local_mapper is None else str(local_mapper)}}

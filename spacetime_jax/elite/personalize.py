@@ -24,9 +24,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import traverse_util
-from PIL import Image, ImageOps
+from PIL import Image
 
-from spacetime_jax.data.images import ImageError, find_image_files, load_image
+from spacetime_jax.data.images import (find_image_files, read_upright, square, to_gray,
+                                       to_rgb)
 from spacetime_jax.diffusion.samplers import METHODS
 from spacetime_jax.elite.artifact import (ENCODER_DIR, EncoderArtifact, image_encoder_source,
                                           load_encoder)
@@ -36,8 +37,10 @@ from spacetime_jax.elite.params import (LOCAL_NAMES, cross_attention_kernel_path
 from spacetime_jax.elite.sample import (EliteModel, EncoderParams, check_lambda, encode_images,
                                         generate, load_model)
 from spacetime_jax.errors import UserError
+from spacetime_jax.models.tokenizer import warn_unknown_words
 from spacetime_jax.paths import as_path
 from spacetime_jax.pipelines.sample_job import compute_dtype
+from spacetime_jax.training.progress import track
 from spacetime_jax.visualize import save_grid, save_png
 
 WORKING_SIZE = 512
@@ -45,7 +48,6 @@ DEFAULT_PLACEHOLDER = "S"  # any single token works: the words replace it
 ALL_WORDS = "all"
 # A mask may be a scaled copy of its image: aspect ratios within 1% (rounding of the sides).
 ASPECT_TOLERANCE = 0.01
-EXIF_ORIENTATION = 0x0112
 SUMMARY_FILE = "summary.json"
 
 
@@ -193,23 +195,10 @@ def mask_paths(masks: str | os.PathLike,
     return [by_stem[image.stem] for image in images]
 
 
-def upright_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) as displayed: EXIF orientations 5..8 swap the sides. Reads the header."""
-    with as_path(path).open("rb") as f, Image.open(f) as img:
-        width, height = img.size
-        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file -> bool (H, W) upright: white (> 127) is the object; a 0/1 label map's 1s."""
-    try:
-        with as_path(path).open("rb") as f, Image.open(f) as img:
-            img.load()  # decode every byte now, so a truncated file fails here with its name
-            gray = np.asarray(ImageOps.exif_transpose(img).convert("L"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"cannot read mask {path}: truncated or not an image "
-                         f"({type(err).__name__}: {err})") from err
+    """A mask file -> bool (H, W) upright: white (> 127) is the object; a 0/1 label map's 1s.
+    Raises ImageError naming the file (data/images.py's opener)."""
+    gray = np.asarray(to_gray(read_upright(path, "mask")))
     return gray >= 1 if gray.max() <= 1 else gray > 127
 
 
@@ -240,12 +229,12 @@ def load_subjects(config) -> list[Subject]:
     masks = mask_paths(config.masks, paths)
     subjects = []
     for path, mask_path in zip(paths, masks):
-        image = load_image(path, WORKING_SIZE)
+        upright = to_rgb(read_upright(path))
+        image = square(upright, WORKING_SIZE)
         if mask_path is None:
             mask = np.ones((WORKING_SIZE, WORKING_SIZE, 1), np.float32)
         else:
-            mask = fit_mask(read_mask(mask_path), mask_path, path, upright_size(path),
-                            WORKING_SIZE)
+            mask = fit_mask(read_mask(mask_path), mask_path, path, upright.size, WORKING_SIZE)
         subjects.append(Subject(path=path, mask_path=mask_path, image=image, mask=mask))
     return subjects
 
@@ -255,8 +244,12 @@ def load_subjects(config) -> list[Subject]:
 
 def load_personalization_model(config, artifact: EncoderArtifact) -> EliteModel:
     """The model the encoder names (or the config's override), built for its stages."""
+    trained = artifact.extra.get("train_config") or {}
     model_config = ml_collections.ConfigDict({
         "model": config.model or artifact.base_model,
+        # The revision the encoder was trained on, unless the model or revision is overridden.
+        "model_revision": config.model_revision or ("" if config.model else
+                                                    trained.get("model_revision", "")),
         # The tower the encoder was trained on, also when the diffusion model is overridden.
         "image_encoder": config.image_encoder or image_encoder_source(artifact),
         "compute_dtype": config.compute_dtype,
@@ -352,8 +345,7 @@ def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[S
     size = min(config.batch_size, len(rows))
     planned = batches(rows, size)
     out: dict[Row, np.ndarray] = {}
-    for number, batch in enumerate(planned, 1):
-        start = time.perf_counter()
+    for batch in track(planned, "sampling", unit="batch"):
         padded = pad(batch, size)
         index = np.array([r.image for r in padded])
         drawn = generate(model, params, images[index], masks[index],
@@ -365,10 +357,6 @@ def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[S
         for row, image in zip(batch, drawn):
             out[row] = image
             save_png(workdir / row_file(subjects[row.image], row), image)
-        scale = "global words" if batch[0].scale is None else f"lambda {batch[0].scale:g}"
-        compiled = " (compilation included)" if number == 1 else ""
-        print(f"batch {number}/{len(planned)}: {len(batch)} images ({scale}) in "
-              f"{time.perf_counter() - start:.1f} s{compiled}", flush=True)
     return out
 
 
@@ -378,7 +366,8 @@ def generate_rows(model: EliteModel, params: EncoderParams, subjects: Sequence[S
 def write_grid(workdir: epath.Path, subject: Subject, index: int,
                drawn: dict[Row, np.ndarray], prompts: Sequence[str], seeds: Sequence[int],
                scales: Sequence[Optional[float]]) -> epath.Path:
-    """Rows: prompts; columns: the input image, then each seed x lambda."""
+    """Rows: prompts (their placeholder filled in); columns: the input image, then each
+    seed x lambda; a title naming the image and the seeds."""
     first = next(iter(drawn.values()))
     resolution = first.shape[0]
     source = np.asarray(Image.fromarray(subject.image).resize(
@@ -390,8 +379,11 @@ def write_grid(workdir: epath.Path, subject: Subject, index: int,
                      for s in seeds for scale in scales)
     labels = ["input"] + [f"seed {s}" + ("" if scale is None else f" l={scale:g}")
                           for s in seeds for scale in scales]
+    kinds = "seeds" if scales == [None] else "seeds x lambda"
     return save_grid(workdir / f"{subject.stem}.png", np.stack(tiles), rows=len(prompts),
-                     cols=len(labels), row_labels=list(prompts), col_labels=labels)
+                     cols=len(labels), row_labels=list(prompts), col_labels=labels,
+                     title=f"ELITE: {subject.path.name}, prompts x {kinds} (seeds "
+                           f"{', '.join(map(str, seeds))})")
 
 
 def run(config, workdir: str | os.PathLike) -> None:
@@ -413,6 +405,8 @@ def run(config, workdir: str | os.PathLike) -> None:
 
     model = load_personalization_model(config, artifact)
     model.text.encode_prompts(prompts)  # a prompt too long for the text encoder fails now
+    warn_unknown_words(model.text.tokenizer, config.prompts, "prompts",
+                       config.model or artifact.base_model)
     params = encoder_params(artifact)
     words, tokens, encode_seconds = encode_timed(
         model, params, np.stack([s.image for s in subjects]),
@@ -430,7 +424,7 @@ def run(config, workdir: str | os.PathLike) -> None:
     drawn = generate_rows(model, params, subjects, rows, words, tokens, prompts, config,
                           token_index, workdir)
     generate_seconds = time.perf_counter() - start
-    grids = [write_grid(workdir, s, i, drawn, config.prompts, config.seeds, scales)
+    grids = [write_grid(workdir, s, i, drawn, prompts, config.seeds, scales)
              for i, s in enumerate(subjects)]
     summary = {
         "encoder": str(folder),

@@ -27,7 +27,7 @@ from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_clip_vision, load_stable_diffusion
 from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.models.clip_vision import clip_preprocess
-from spacetime_jax.models.tokenizer import tokenize
+from spacetime_jax.models.tokenizer import tokenize, warn_unknown_words
 from spacetime_jax.paths import as_path
 from spacetime_jax.pipelines.text_to_image import initial_noise, latent_shape, to_uint8
 
@@ -186,9 +186,16 @@ def image_encoder_path(config) -> str:
 
 
 def load_model(config, local_branch: bool = True) -> EliteModel:
-    """Stable Diffusion (its U-Net with the local branch), CLIP vision, the placeholder."""
+    """Stable Diffusion (its U-Net with the local branch; config.model at the optional
+    config.model_revision), CLIP vision, the placeholder. A training config's validation
+    prompts are checked against the model's words here, where its run loads the model."""
     dtype = compute_dtype(config.compute_dtype)
-    sd = load_stable_diffusion(resolve_builtin(config.model), dtype, local_branch=local_branch)
+    sd = load_stable_diffusion(resolve_builtin(config.model), dtype, local_branch=local_branch,
+                               revision=config.get("model_revision", ""),
+                               attention=config.get("attention", "auto"))
+    if config.get("validation") and config.validation.every:
+        warn_unknown_words(sd.tokenizer, config.validation.prompts, "validation.prompts",
+                           config.model)
     vision, vision_params = load_clip_vision(image_encoder_path(config), dtype)
     text = prepare_text(sd.text_encoder, sd.tokenizer, sd.text_params, config.placeholder)
     encoder_config = encoder_config_for(vision.config, sd.text_encoder.config.hidden_size,

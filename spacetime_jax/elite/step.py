@@ -30,6 +30,7 @@ from spacetime_jax.elite.conditioning import encode_with_words, local_contexts
 from spacetime_jax.elite.encoder import image_features, patch_mask
 from spacetime_jax.elite.params import merge_params
 from spacetime_jax.models.vae import AutoencoderKL, sample_latents
+from spacetime_jax.training.guard import all_finite, keep_if_finite, reported_loss
 
 WORD_WEIGHT = 0.01          # x mean |words|, global stage
 LOCAL_VALUE_WEIGHT = 1e-4   # x mean over layers of mean |V_local|, local stage
@@ -205,12 +206,16 @@ def loss_and_grads(params, frozen: Frozen, schedule, batch, rng, statics: StepSt
 def train_step(state: TrainState, batch, frozen: Frozen, schedule: DDPMSchedule, seed, *,
                optimizer: optax.GradientTransformation, statics: StepStatics):
     """One optimizer step; returns the new state and metrics (loss, mse, regularizer,
-    grad_norm before clipping)."""
+    grad_norm before clipping). A non-finite loss or gradient leaves the params and optimizer
+    state as they were and reports the loss as NaN (training/guard.py)."""
     loss, metrics, grads = loss_and_grads(state.params, frozen, schedule, batch,
                                           step_rng(seed, state.step), statics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    finite = all_finite(loss, grads)
+    params, opt_state = keep_if_finite(finite, (params, opt_state),
+                                       (state.params, state.opt_state))
+    metrics = dict(metrics, loss=reported_loss(finite, loss), grad_norm=optax.tree.norm(grads))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -23,6 +23,7 @@ from spacetime_jax.toyworld.render import render
 from spacetime_jax.toyworld.scene import COLORS, TEXTURES, Scene
 from spacetime_jax.toyworld.shapes import ALL_SHAPES, HELD_OUT_SHAPES
 from spacetime_jax.toyworld.world import sample_background, sample_placement, sample_scene
+from spacetime_jax.training.progress import track
 
 # The ELITE reference's pixel settings are for photos about this many pixels on a side.
 _REFERENCE_PHOTO_SIDE = 1024
@@ -71,7 +72,7 @@ def _write_split(split_dir: Path, split: str, n: int, seed: int, size: int) -> N
     (split_dir / "images").mkdir(parents=True, exist_ok=True)
     (split_dir / "masks").mkdir(exist_ok=True)
     rows = []
-    for index in range(n):
+    for index in track(range(n), f"writing {split} objects", unit="obj"):
         scene = _scene(split, seed, index)
         image, mask = render(scene, size)
         image_id = f"toy{split}{seed}x{index:06d}"  # OpenImages ImageIDs hold no underscore

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from spacetime_jax.elite import pipeline
 from spacetime_jax.elite.artifact import ENCODER_DIR, load_encoder, save_encoder
 from spacetime_jax.elite.conditioning import format_prompts
-from spacetime_jax.elite.data import (ObjectCrops, ObjectCropsConfig, build_object_crops,
+from spacetime_jax.elite.data import (ObjectCrops, build_object_crops, crops_config,
                                       open_object_crops)
 from spacetime_jax.elite.encoder import init_mapper_params
 from spacetime_jax.elite.params import cross_attention_kv, local_kv_init
@@ -37,19 +37,21 @@ from spacetime_jax.models.builtin import cache_dir
 from spacetime_jax.models.pretrained import model_summary
 from spacetime_jax.diffusion.schedules import ddpm_schedule
 from spacetime_jax.parallel import sharding
-from spacetime_jax.parallel.mesh import make_mesh, topology
+from spacetime_jax.parallel.mesh import make_mesh, topology, tracing_mesh
 from spacetime_jax.parallel.multihost import (build_once, is_lead, lead_print,
                                               put_process_rows, to_host)
 from spacetime_jax.paths import PathLike, as_path, is_remote
 from spacetime_jax.training.checkpoint import check_compatible
+from spacetime_jax.training.config_checks import check_at_least, check_training_config
 from spacetime_jax.training.loop import LoopSettings, TrainingLoop
+from spacetime_jax.training.progress import track
 from spacetime_jax.training.remat import check_remat_policy
-from spacetime_jax.visualize import save_grid
+from spacetime_jax.visualize import image_grid, save_png
 
 # The batch is global (train.batch_size over all devices) and the learning rate does not
 # scale with devices, so the mesh and the processes may change on resume.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation",
-                  "data.prefetch", "data.prefetch_workers", "mesh", "distributed")
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "attention",
+                  "validation", "data.prefetch", "data.prefetch_workers", "mesh", "distributed")
 NONFINITE_HINT = "Lower train.learning_rate or check the data"
 TOYWORLD_OBJECTS = "builtin:toyworld_objects"
 # The toy-world object set written on first use: enough objects that a few hundred steps of
@@ -59,13 +61,6 @@ TOYWORLD_TRAIN, TOYWORLD_TEST, TOYWORLD_SEED, TOYWORLD_IMAGE_SIZE = 2000, 64, 0,
 
 # ---------------------------------------------------------------------------------------
 # Data.
-
-def crops_config(config) -> ObjectCropsConfig:
-    d = config.data
-    return ObjectCropsConfig(crop_size=d.resolution, min_side=d.min_side, min_area=d.min_area,
-                             max_area=d.max_area, pad_min=d.pad_min, pad_max=d.pad_max,
-                             max_bad_fraction=d.max_bad_fraction)
-
 
 def dataset_root(root: str):
     """The dataset folder (local or gs://); builtin:toyworld_objects is written on first use
@@ -108,7 +103,7 @@ def open_split(config, split: str):
     first; then each process that does not see it, on its own disk)."""
     root = dataset_root(config.data.root)
     data_dir = tfds_dir(config, root)
-    crops = crops_config(config)
+    crops = crops_config(config.data)
     build_once("elite dataset",
                lambda: ObjectCrops(config=crops, data_dir=os.fspath(data_dir)).is_prepared(),
                lambda: build_object_crops(root, crops, data_dir))
@@ -305,8 +300,9 @@ def validation_examples(source, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_validation_grid(path: PathLike, session: Session, encoder: EncoderParams, images,
-                          masks, validation, placeholder: str) -> None:
-    """Rows: (held-out object, prompt); columns: the object, then seeds (x lambdas in stage 2)."""
+                          masks, validation, placeholder: str, title: str) -> np.ndarray:
+    """Rows: (held-out object, prompt); columns: the object, then seeds (x lambdas in stage 2);
+    `title` above. Returns the grid's pixels (for TensorBoard)."""
     prompts = format_prompts(validation.prompts, placeholder)
     scales = list(validation.local_scales) if encoder.has_local else [None]
     rows = [(i, p) for i in range(len(images)) for p in prompts]
@@ -314,7 +310,7 @@ def write_validation_grid(path: PathLike, session: Session, encoder: EncoderPara
     cells = []
     resolution = session.model.sd.unet.config.sample_size * \
         session.model.sd.vae_config.downsample_factor
-    for scale in scales:
+    for scale in track(scales, "validation sampling", unit="call"):
         out = generate(session.model, encoder, np.stack([images[i] for i, _ in rows
                                                           for _ in validation.seeds]),
                        np.stack([masks[i] for i, _ in rows for _ in validation.seeds]),
@@ -331,8 +327,11 @@ def write_validation_grid(path: PathLike, session: Session, encoder: EncoderPara
     grid = np.concatenate([sources[:, None], generated], axis=1)
     labels = ["object"] + [f"seed {s}" + (f" l={l}" if l is not None else "")
                            for s, l in columns]
-    save_grid(path, grid.reshape((-1,) + grid.shape[2:]), rows=len(rows),
-              cols=grid.shape[1], row_labels=[p for _, p in rows], col_labels=labels)
+    image = image_grid(grid.reshape((-1,) + grid.shape[2:]), rows=len(rows),
+                       cols=grid.shape[1], row_labels=[f"object {i}: {p}" for i, p in rows],
+                       col_labels=labels, title=title)
+    save_png(path, image)
+    return np.asarray(image)
 
 
 def run(config, workdir: str) -> None:
@@ -342,9 +341,12 @@ def run(config, workdir: str) -> None:
     config_dict = config.to_dict()
     t = config.train
 
-    # --- The dataset and the workdir first: a typo there must not wait for the model.
+    # --- The config, the dataset and the workdir first: a typo there must not wait for the
+    # model.
     if config.stage not in STAGES:
         raise UserError(f"stage={config.stage!r} is unknown; use one of {STAGES}")
+    check_training_config(config)
+    check_at_least(config, ("evaluation.num_examples",), 1)
     check_remat_policy(t.remat_policy, "train.remat_policy")
     if config.validation.token_index not in ("all", "0", "1", "2", "3", "4"):
         raise UserError(f"validation.token_index={config.validation.token_index!r}: use '0' (the "
@@ -379,8 +381,9 @@ def run(config, workdir: str) -> None:
     first = to_global(batch_arrays(train_source, spec, start, t.grad_accum),
                       session.batch_sharding, t.batch_size)
     compile_start = time.perf_counter()
-    compiled = session.step_fn().lower(state, first, frozen, session.schedule,
-                                       jnp.uint32(t.seed)).compile()
+    with tracing_mesh(mesh, config.attention):
+        compiled = session.step_fn().lower(state, first, frozen, session.schedule,
+                                           jnp.uint32(t.seed)).compile()
     lead_print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; stage "
                f"{config.stage}; lr {session.learning_rate:g}; batch {t.batch_size} x "
                f"{t.grad_accum} on mesh {dict(mesh.shape)}")
@@ -408,11 +411,14 @@ def run(config, workdir: str) -> None:
 
     def validate(step_number: int, state) -> dict:
         encoder = session.encoder_params(state.params)
+        results = {"held_out_loss": held_out_loss(state.params)}
         if is_lead():
-            write_validation_grid(workdir / "validation" / f"step_{step_number:06d}.png",
-                                  session, encoder, val_images, val_masks, config.validation,
-                                  config.placeholder)
-        return {"held_out_loss": held_out_loss(state.params)}
+            results["validation"] = write_validation_grid(
+                workdir / "validation" / f"step_{step_number:06d}.png", session, encoder,
+                val_images, val_masks, config.validation, config.placeholder,
+                title=f"ELITE {config.stage} stage, step {step_number}: held-out objects x "
+                      f"prompts; seeds {', '.join(map(str, config.validation.seeds))}")
+        return results
 
     with micro_batches:
         state = loop.run(state, start, step, validate=validate)

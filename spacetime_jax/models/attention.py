@@ -5,6 +5,10 @@ a `LayerContexts` structure stacked over the U-Net's cross-attention layers: a k
 and a value context per layer (NeTI gives each layer its own, and its textual bypass touches
 only the values), and an optional `LocalBranch` (ELITE's local mapper tokens). Each layer
 knows its static index and slices its own entry.
+
+`attention` picks the kernel of every layer that does not need the probabilities (see
+attention_kernels.py: auto, xla, cudnn, splash); the layers that do (ELITE's local branch,
+`return_probs`) always take the einsum path.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from spacetime_jax.models.attention_kernels import (apply_probabilities, attend,
+                                                    attention_probabilities)
 
 Dtype = Any
 
@@ -54,20 +61,8 @@ def _split_heads(x: jax.Array, heads: int) -> jax.Array:
     return x.reshape(b, t, heads, d // heads)
 
 
-def attention_probabilities(q: jax.Array, k: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) in float32; q (B,Tq,N,H), k (B,Tk,N,H) -> (B,N,Tq,Tk)."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def apply_probabilities(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """(B,N,Tq,Tk) x (B,Tk,N,H) -> (B,Tq,N,H)."""
-    return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
-
-
 def multihead_attention(q, k, v, upcast: bool = False) -> jax.Array:
-    """Fused attention where the probabilities are not needed (cuDNN flash on GPUs)."""
+    """jax.nn.dot_product_attention, for the VAE (the U-Net's layers go through `attend`)."""
     if upcast:
         dtype = q.dtype
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
@@ -85,6 +80,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -94,7 +90,8 @@ class Attention(nn.Module):
         q = _split_heads(dense("to_q", self.qkv_bias)(x), self.heads)
         k = _split_heads(dense("to_k", self.qkv_bias)(context), self.heads)
         v = _split_heads(dense("to_v", self.qkv_bias)(context), self.heads)
-        out = multihead_attention(q, k, v, self.upcast).reshape(x.shape[:-1] + (inner,))
+        out = attend(q, k, v, kernel=self.attention, upcast=self.upcast)
+        out = out.reshape(x.shape[:-1] + (inner,))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -110,6 +107,7 @@ class CrossAttention(nn.Module):
     upcast: bool = False
     local_branch: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Context,
@@ -137,7 +135,7 @@ class CrossAttention(nn.Module):
                 out = out + self._local_term(q, probs, local, dense("to_k_local"),
                                              dense("to_v_local"))
         else:
-            out = multihead_attention(q, k, v, self.upcast)
+            out = attend(q, k, v, kernel=self.attention, upcast=self.upcast)
         out = out.reshape(x.shape[:-1] + (inner,))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out), probs
 

@@ -2,9 +2,10 @@
 
 A model is a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/,
 tokenizer/, scheduler/) holding PyTorch `.safetensors` or `.bin` weights, local or `gs://`,
-or a hub id that huggingface_hub resolves (a filled local cache works offline with
-HF_HUB_OFFLINE=1). A CLIP vision tower comes from a transformers-layout folder. Everything
-here reads and writes files; the model code in this package knows nothing of files.
+or a hub id that huggingface_hub resolves at a revision (a branch, tag or commit; "" = the
+default branch), downloading only the files loaded here (a filled local cache works offline
+with HF_HUB_OFFLINE=1). A CLIP vision tower comes from a transformers-layout folder.
+Everything here reads and writes files; the model code in this package knows nothing of files.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any
+import posixpath
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from etils import epath
 from spacetime_jax.diffusion.schedules import SchedulerConfig
 from spacetime_jax.errors import UserError
 from spacetime_jax.models import convert
+from spacetime_jax.models.attention_kernels import resolve_attention
 from spacetime_jax.models.clip_text import (CLIPTextConfig, CLIPTextTransformer,
                                             clip_text_param_template)
 from spacetime_jax.models.clip_vision import (CLIPVisionConfig, CLIPVisionTransformer,
@@ -41,6 +44,9 @@ WEIGHT_FILES = {
     "vision": ("model.safetensors", "pytorch_model.bin"),
 }
 SHARD_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+# The sub-folders of a diffusers repo whose weights are read (ELITE reads image_encoder/);
+# others, such as safety_checker/, are not downloaded.
+HUB_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "image_encoder")
 
 
 class ModelLoadError(UserError):
@@ -69,9 +75,9 @@ class StableDiffusion:
 # ---------------------------------------------------------------------------------------
 # Resolving and reading.
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> epath.Path:
-    """A local or gs:// folder as is; otherwise a hub id through huggingface_hub (its cache
-    first)."""
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str = "") -> epath.Path:
+    """A local or gs:// folder as is (`revision` does not apply to it); otherwise a hub id
+    through huggingface_hub at `revision` ("" = the default branch), its cache first."""
     path = as_path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -82,14 +88,51 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> epath.Path:
         raise ModelLoadError(
             f"model folder {name} does not exist (and it is not a hub id like 'org/model')")
     try:
-        from huggingface_hub import snapshot_download
-        return as_path(snapshot_download(
-            name, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
-            ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ckpt", "*.msgpack", "*.onnx*"]))
+        return as_path(_hub_snapshot(name, revision or None))
     except Exception as err:  # network, auth, missing cache: all say the same to a user
+        at = f" at revision {revision!r}" if revision else ""
         raise ModelLoadError(
-            f"could not resolve hub id {name!r}: {type(err).__name__}: {err}. Without a "
+            f"could not resolve hub id {name!r}{at}: {type(err).__name__}: {err}. Without a "
             "network, fill the huggingface_hub cache first or pass a local folder") from err
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+    """The local snapshot folder of a hub repo: the files hub_allow_patterns picks from its
+    listing, or, offline or unreachable, what the cache holds for that revision."""
+    import huggingface_hub
+    try:
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+    except Exception as listing_error:
+        try:
+            return huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                     local_files_only=True)
+        except Exception:
+            raise listing_error from None  # the hub's reason, not the cache's
+    return huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                             allow_patterns=hub_allow_patterns(files))
+
+
+def hub_allow_patterns(files: Sequence[str]) -> list[str]:
+    """What to download of a hub repo holding `files`: every .json and .txt file (configs,
+    tokenizer) and, per weight folder, its .safetensors weights, or its .bin ones when it has
+    none: never both formats, never variants (`*.fp16.safetensors`, `*.non_ema.bin`). The
+    weight folders are HUB_WEIGHT_FOLDERS in a diffusers repo (it has model_index.json; its
+    root's single-file checkpoints are left out), else the root (a transformers repo, such
+    as a CLIP vision tower)."""
+    folders = HUB_WEIGHT_FOLDERS if "model_index.json" in files else ("",)
+    patterns = ["*.json", "*.txt"]
+    for folder in folders:
+        weights = [f for f in files if posixpath.dirname(f) == folder and _is_plain_weight(f)]
+        patterns += (sorted(f for f in weights if f.endswith(".safetensors"))
+                     or sorted(f for f in weights if f.endswith(".bin")))
+    return patterns
+
+
+def _is_plain_weight(file: str) -> bool:
+    """model.safetensors, model-00001-of-00002.safetensors, pytorch_model.bin: not a variant
+    such as model.fp16.safetensors."""
+    stem, _, extension = posixpath.basename(file).rpartition(".")
+    return extension in ("safetensors", "bin") and "." not in stem
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -214,15 +257,26 @@ def load_scheduler_config(folder: str | os.PathLike) -> SchedulerConfig:
         raise ModelLoadError(f"scheduler: {err}") from err
 
 
-def load_stable_diffusion(name_or_path: str | os.PathLike, dtype=jnp.float32,
-                          local_branch: bool = False) -> StableDiffusion:
-    """Loads every sub-model of a diffusers-layout folder or hub id.
+def load_model_tokenizer(name_or_path: str | os.PathLike, revision: str = ""):
+    """The tokenizer of a diffusers-layout folder or hub id alone: token checks need no
+    weights in memory."""
+    return load_tokenizer(_subfolder(resolve_model_dir(name_or_path, revision), "tokenizer"))
 
-    `dtype` is the compute dtype of the frozen modules (fp32, or bf16 on accelerators).
+
+def load_stable_diffusion(name_or_path: str | os.PathLike, dtype=jnp.float32,
+                          local_branch: bool = False, revision: str = "",
+                          attention: str = "auto") -> StableDiffusion:
+    """Loads every sub-model of a diffusers-layout folder or hub id (at `revision`, "" = the
+    default branch; a folder ignores it).
+
+    `dtype` is the compute dtype of the frozen modules (fp32, or bf16 on accelerators);
+    `attention` the U-Net's attention kernel (models/attention_kernels.py), checked first.
     """
-    model_dir = resolve_model_dir(name_or_path)
+    resolve_attention(attention)
+    model_dir = resolve_model_dir(name_or_path, revision)
     read_json(model_dir / "model_index.json", "model")
     unet, unet_params = load_unet(_subfolder(model_dir, "unet"), dtype, local_branch)
+    unet = unet.clone(attention=attention)
     vae, vae_params, vae_config = load_vae(_subfolder(model_dir, "vae"), dtype)
     text_encoder, text_params = load_text_encoder(_subfolder(model_dir, "text_encoder"), dtype)
     tokenizer = load_tokenizer(_subfolder(model_dir, "tokenizer"))

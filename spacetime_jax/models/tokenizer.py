@@ -1,5 +1,6 @@
 """CLIP tokenizer: build a tiny one from a word list, load any (tiny or real SD), and the
-checks that personalization needs (placeholder tokens, one-token super-categories).
+checks that personalization needs (placeholder tokens, one-token super-categories, prompt
+words the model does not know).
 
 A built tokenizer has CLIP's file layout, so transformers' CLIPTokenizer loads it the same way
 as openai/clip-vit-large-patch14's: vocab = 256 byte-level characters, the same 256 with
@@ -8,12 +9,26 @@ as openai/clip-vit-large-patch14's: vocab = 256 byte-level characters, the same 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import os
-from typing import Iterable, Sequence
+import re
+import sys
+from typing import Collection, Iterable, Optional, Sequence
 
 import numpy as np
-from transformers import AddedToken, CLIPTokenizer
+
+
+def _no_torch_notice(record: logging.LogRecord) -> bool:
+    return "PyTorch was not found" not in record.getMessage()
+
+
+# transformers announces at import that, without torch, only its tokenizers work: all this
+# package takes from it (torch is an extra, for the tests and the importers), so a user who
+# installed without torch has nothing to act on.
+logging.getLogger("transformers").addFilter(_no_torch_notice)
+from transformers import AddedToken, CLIPTokenizer  # noqa: E402
 
 from spacetime_jax.errors import UserError
 from spacetime_jax.paths import as_path, local_folder
@@ -22,6 +37,13 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 MAX_LENGTH = 77  # CLIP's context: 75 prompt tokens + bos + eos.
+# Nouns a super-category is often chosen from, the most general first. A model offers those
+# that are one token of its tokenizer, then the toy world's shape names that are: a real
+# SD's vocabulary has all of these nouns, the toy-world model's only its world's shapes.
+COMMON_NOUNS = ("object", "cat", "dog", "toy", "person", "car", "house", "bag", "cup",
+                "bottle", "chair", "flower", "bird", "shoe")
+SUGGESTED_WORDS = 9  # words an error offers at most
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters: CLIP's pre-tokenizer keeps it whole
 
 
 class TokenizerError(UserError, ValueError):
@@ -191,12 +213,93 @@ def add_placeholder_tokens(tokenizer: CLIPTokenizer, tokens: Sequence[str]) -> l
     return ids
 
 
-def single_token_id(tokenizer: CLIPTokenizer, word: str, what: str = "super-category") -> int:
-    """The id of `word`, which must be exactly one token (`what` names it in the error)."""
+def single_token_id(tokenizer: CLIPTokenizer, word: str, what: str = "super-category",
+                    alternatives: Sequence[str] = ()) -> int:
+    """The id of `word`, which must be exactly one token (`what` names it in the error). The
+    error offers the one-token words nearest to it, else `alternatives`."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise TokenizerError(f"{what} {word!r} is {len(ids)} tokens; it must be exactly one")
+        near = nearest_one_token_words(tokenizer, word)
+        offer = (f"one-token words like it: {', '.join(near)}" if near else
+                 f"one-token words of this model: {', '.join(alternatives)}"
+                 if alternatives else "")
+        raise TokenizerError(f"{what} {word!r} is {len(ids)} tokens; it must be exactly one"
+                             + (f" ({offer})" if offer else ""))
     return ids[0]
+
+
+def is_one_token(tokenizer: CLIPTokenizer, word: str) -> bool:
+    return len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def whole_words(tokenizer: CLIPTokenizer) -> list[str]:
+    """The vocabulary's whole words: its `word</w>` entries of two or more letters, sorted."""
+    size = len(END_OF_WORD)
+    return sorted({token[:-size] for token in tokenizer.get_vocab()
+                   if token.endswith(END_OF_WORD) and len(token) > size + 1
+                   and _WORD.fullmatch(token[:-size])})
+
+
+def nearest_one_token_words(tokenizer: CLIPTokenizer, word: str,
+                            limit: int = SUGGESTED_WORDS) -> list[str]:
+    """One-token words like `word`: its own words that are one token ('teddy bear' ->
+    'teddy', 'bear'), then the vocabulary's whole words nearest in spelling (difflib)."""
+    own = [part for part in _WORD.findall(word.lower()) if is_one_token(tokenizer, part)]
+    close = difflib.get_close_matches(word.lower(), whole_words(tokenizer), n=limit,
+                                      cutoff=0.6)
+    return list(dict.fromkeys(own + close))[:limit]
+
+
+def super_category_words(tokenizer: CLIPTokenizer, limit: int = SUGGESTED_WORDS) -> list[str]:
+    """Nouns a super-category may be on this model: COMMON_NOUNS, then the toy world's
+    shape names, each kept if it is one token of `tokenizer`."""
+    from spacetime_jax.toyworld.shapes import SHAPES  # the toy world's nouns
+    nouns = dict.fromkeys((*COMMON_NOUNS, *SHAPES))
+    return [noun for noun in nouns if is_one_token(tokenizer, noun)][:limit]
+
+
+# ---------------------------------------------------------------- words a model does not know
+
+def model_words(model: str) -> Optional[frozenset[str]]:
+    """The words `model` was trained to read, where the project knows them: for the shipped
+    toy-world model (builtin:toyworld) the words of its pretraining captions (its tokenizer
+    also spells a few words whole, 'beach' say, that no caption showed it); None for any
+    other model, whose tokenizer's whole words stand for what it knows."""
+    if model != "builtin:toyworld":
+        return None
+    from spacetime_jax.toyworld.captions import world_vocabulary
+    return frozenset(part for word in world_vocabulary() for part in _WORD.findall(word))
+
+
+def unknown_words(tokenizer: CLIPTokenizer, prompts: Sequence[str],
+                  known: Optional[Collection[str]] = None) -> list[str]:
+    """The distinct words of `prompts` (the concept's slot "{}" left out, lowercased as CLIP
+    reads them) that are not `known`, or, without `known`, that `tokenizer` cannot spell as
+    one whole word; in order of appearance."""
+    words = dict.fromkeys(word for prompt in prompts
+                          for word in _WORD.findall(prompt.replace("{}", " ").lower()))
+    if known is not None:
+        return [word for word in words if word not in known]
+    return [word for word in words if not is_one_token(tokenizer, word)]
+
+
+def warn_unknown_words(tokenizer: CLIPTokenizer, prompts: Sequence[str], where: str,
+                       model: str = "") -> list[str]:
+    """One 'warning: ' line on stderr (process 0 only) naming the words of `prompts` that
+    `model` cannot read (model_words, else its tokenizer's whole words); returns them.
+    `where` names the prompts' config key."""
+    from spacetime_jax.parallel.multihost import lead_print
+    known = model_words(model)
+    words = unknown_words(tokenizer, prompts, known)
+    if words:
+        named = ", ".join(repr(word) for word in words)
+        why = (f"{model} never saw {named} in pretraining (it knows the toy world's shapes, "
+               "colors, sizes, textures and backgrounds, as in configs/sample.py:tiny)"
+               if known is not None else
+               f"the model's tokenizer has no whole word for {named} and reads them in pieces")
+        lead_print(f"warning: {where}: {why}; the images may not follow those words",
+                   file=sys.stderr)
+    return words
 
 
 def find_token_positions(input_ids: np.ndarray, token_id: int,

@@ -143,15 +143,17 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool = False
     local_branch: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context: Context, return_probs: bool = False):
         head_dim = self.dim // self.heads
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         x = x + Attention(self.heads, head_dim, upcast=self.upcast, dtype=self.dtype,
-                          name="attn1")(ln("norm1")(x))
+                          attention=self.attention, name="attn1")(ln("norm1")(x))
         attn, probs = CrossAttention(self.heads, head_dim, self.layer_index, upcast=self.upcast,
                                      local_branch=self.local_branch, dtype=self.dtype,
+                                     attention=self.attention,
                                      name="attn2")(ln("norm2")(x), context, return_probs)
         x = x + attn
         # diffusers names the GEGLU projection ff.net.0.proj and the output ff.net.2.
@@ -191,6 +193,7 @@ class Transformer2DModel(nn.Module):
     upcast: bool = False
     local_branch: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context: Context, return_probs: bool = False):
@@ -202,7 +205,7 @@ class Transformer2DModel(nn.Module):
         else:
             x = conv(self.dim, 1, self.dtype, "proj_in", padding="VALID")(x).reshape(b, h * w, self.dim)
         x, probs = BasicTransformerBlock(self.dim, self.heads, self.layer_index, self.upcast,
-                                         self.local_branch, self.dtype,
+                                         self.local_branch, self.dtype, self.attention,
                                          name="transformer_blocks_0")(x, context, return_probs)
         if self.use_linear_projection:
             x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
@@ -220,6 +223,7 @@ class _BlockSettings:
     upcast: bool
     local_branch: bool
     remat_policy: str = "none"
+    attention: str = "auto"
 
     def resnet(self) -> type[nn.Module]:
         return remat_module(ResnetBlock2D, self.remat_policy)
@@ -256,7 +260,7 @@ class _Block(nn.Module):
             if self.has_attention:
                 x, p = s.transformer()(self.out_channels, self.heads, self.first_layer + j,
                                        s.use_linear_projection, s.groups, s.upcast,
-                                       s.local_branch, self.dtype,
+                                       s.local_branch, self.dtype, s.attention,
                                        name=f"attentions_{j}")(x, context, return_probs)
                 probs.append(p)
             outputs.append(x)
@@ -280,7 +284,7 @@ class _MidBlock(nn.Module):
         s = self.settings
         x = s.resnet()(self.channels, s.groups, s.eps, self.dtype, name="resnets_0")(x, temb)
         x, p = s.transformer()(self.channels, self.heads, self.layer, s.use_linear_projection,
-                               s.groups, s.upcast, s.local_branch, self.dtype,
+                               s.groups, s.upcast, s.local_branch, self.dtype, s.attention,
                                name="attentions_0")(x, context, return_probs)
         x = s.resnet()(self.channels, s.groups, s.eps, self.dtype, name="resnets_1")(x, temb)
         return x, p
@@ -295,11 +299,17 @@ class UNet2DConditionModel(nn.Module):
     `remat_policy` (spacetime_jax/training/remat.py: "none", "full", "dots",
     "dots_saveable") rematerializes every ResNet and transformer block in the backward pass;
     it changes neither the param tree nor the outputs.
+
+    `attention` (models/attention_kernels.py: "auto", "xla", "cudnn", "splash") picks the
+    kernel of every attention layer that does not need the probabilities; like remat it
+    changes neither the param tree nor (beyond rounding) the outputs, so
+    `unet.clone(attention=...)` switches a built model.
     """
     config: UNetConfig
     local_branch: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, latents: jax.Array, timesteps: jax.Array, context: Context,
@@ -308,7 +318,8 @@ class UNet2DConditionModel(nn.Module):
         channels = cfg.block_out_channels
         heads = cfg.heads_per_block
         settings = _BlockSettings(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection,
-                                  cfg.upcast_attention, self.local_branch, self.remat_policy)
+                                  cfg.upcast_attention, self.local_branch, self.remat_policy,
+                                  self.attention)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (latents.shape[0],))
         temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(channels[0] * 4, dtype=self.dtype, name="time_embedding")(

@@ -32,7 +32,7 @@ from etils import epath
 
 from spacetime_jax.data.images import load_concept_images
 from spacetime_jax.errors import UserError
-from spacetime_jax.models.tokenizer import single_token_id
+from spacetime_jax.models.tokenizer import single_token_id, super_category_words
 from spacetime_jax.paths import as_path, is_remote
 
 MANIFEST_NAME = "concepts.csv"
@@ -58,6 +58,12 @@ def concept_name(placeholder: str) -> str:
     return re.sub(r"[^\w.-]+", "_", placeholder.strip("<>")).strip("._") or "concept"
 
 
+def folder_placeholder(folder_name: str) -> str:
+    """'my cat' -> '<my-cat>': a concept folder's name as its placeholder (one word, in
+    angle brackets so that it is never a word of the vocabulary)."""
+    return "<" + (re.sub(r"\s+", "-", folder_name.strip()) or "concept") + ">"
+
+
 def read_concept_set(path: str | os.PathLike, super_category: str,
                      learnable_property: str = "object") -> list[ConceptSpec]:
     """The concepts of a folder of concept folders or of a manifest, local or gs:// (see the
@@ -75,7 +81,7 @@ def read_concept_set(path: str | os.PathLike, super_category: str,
         if not folders:
             raise UserError(f"data.concepts: {path} holds no concept folders (one sub-folder "
                             f"of images per concept) and no {MANIFEST_NAME}")
-        placeholders = ["<" + re.sub(r"\s+", "-", f.name) + ">" for f in folders]
+        placeholders = [folder_placeholder(f.name) for f in folders]
         specs = [ConceptSpec(concept_name(placeholder), str(folder), placeholder, super_category,
                              learnable_property)
                  for folder, placeholder in zip(folders, placeholders)]
@@ -152,8 +158,10 @@ def check_images(specs: list[ConceptSpec], resolution: int) -> None:
 
 def check_tokens(specs: list[ConceptSpec], tokenizer) -> None:
     """Each placeholder is a new word and each super-category exactly one token, as
-    prepare_text_encoder needs them; checked here to name the concept."""
+    prepare_text_encoder needs them; checked here to name the concept. A missing or
+    unusable super-category is offered the one-token nouns of this tokenizer."""
     vocab = tokenizer.get_vocab()
+    nouns = super_category_words(tokenizer)
     errors = []
     for spec in specs:
         token = spec.placeholder
@@ -163,10 +171,19 @@ def check_tokens(specs: list[ConceptSpec], tokenizer) -> None:
         elif token in vocab or len(tokenizer.tokenize(token)) == 1:
             errors.append(f"{_named(spec)}: placeholder {token!r} is already a token of the "
                           f"vocabulary; choose a new string such as '<my-{token.strip('<>')}>'")
-        try:
-            single_token_id(tokenizer, spec.super_category)
-        except UserError as error:
-            errors.append(f"{_named(spec)}: {error}")
+        if spec.super_category:
+            try:
+                single_token_id(tokenizer, spec.super_category, alternatives=nouns)
+            except UserError as error:
+                errors.append(f"{_named(spec)}: {error}")
+    missing = [spec for spec in specs if not spec.super_category]
+    if missing:  # one error for all: a batch's sub-folders share the config's default
+        errors.append(
+            f"{'; '.join(map(_named, missing))}: no super-category: say what "
+            f"{', '.join(spec.placeholder for spec in missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} in one word of the model's vocabulary, "
+            f"--config.concept.super_category=WORD (one-token nouns of this model: "
+            f"{', '.join(nouns)})")
     _raise_for(errors)
 
 

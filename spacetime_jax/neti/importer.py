@@ -7,45 +7,61 @@ The official checkpoint (`torch.save` of a dict) holds:
               pickled RunConfig object in some forks
   encoder     the pickled positional-encoding module: NeTIPositionalEncoding with the random
               matrix `w` (and sigma_t, sigma_l, num_w), or BasicEncoder for the plain encoder
-The pickled classes live in the official repository's modules, which are not installed here.
-The file is read with an unpickler that resolves only torch, numpy and standard-library
-containers, and stands in a recording object for every other class: nothing of the official
-package is imported or executed. (Not a sandbox: torch's own globals are trusted, so read
-only files you trust, as with any torch.load(weights_only=False).)
+The pickled classes live in the official repository's modules, which are not installed here
+and would not be trusted if they were. The file is read by elite/importer.py's read_torch_file
+(both importers share it): torch.load(weights_only=True), whose restricted unpickler builds
+tensors, storages and plain containers and nothing else, plus stand-ins registered under the
+exact (module, name) pairs an official checkpoint names (OFFICIAL_CLASSES, PATH_CLASSES, each
+justified there). A file that names any other Python global (os.system, builtins.eval, a numpy
+or torch function, ...) is refused before any of it runs; nothing of the official package is
+imported or executed.
 """
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import enum
 import functools
-import io
 import os
 import pathlib
-import pickle
-import types
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
+from spacetime_jax.elite.importer import read_torch_file, torch_or_exit
 from spacetime_jax.errors import UserError, exit_with
 from spacetime_jax.models import convert
 from spacetime_jax.neti.mapper import MapperConfig, NeTIMapper
-from spacetime_jax.paths import as_path
 
 REQUIRED_KEYS = ("state_dict", "cfg", "encoder")
 DEFAULT_NUM_LAYERS = 16  # the reference's UNET_LAYERS
 DEFAULT_ANCHORS = 10
 
-# Globals the unpickler may resolve for real; every other class becomes a StandIn.
-_REAL_MODULE_PREFIXES = ("torch", "numpy", "collections", "pathlib", "datetime", "_codecs")
-_SAFE_BUILTINS = frozenset({"set", "frozenset", "list", "dict", "tuple", "slice", "complex",
-                            "int", "float", "bool", "str", "bytes", "bytearray", "range",
-                            "object"})
-_SAFE_COPYREG = frozenset({"_reconstructor"})
+# The classes an official checkpoint pickles, as exact (module, name) pairs; each is read as a
+# StandIn that records its state. Torch's own weights-only list covers the rest (tensors,
+# storages, nn.Parameter, OrderedDict, set).
+OFFICIAL_CLASSES = (
+    # The positional-encoding module the reference saves whole, as `encoder` (it holds W):
+    # official models/positional_encoding.py.
+    ("models.positional_encoding", "NeTIPositionalEncoding"),
+    # The plain encoder of runs without positional encoding (normalized t and l tables).
+    ("models.positional_encoding", "BasicEncoder"),
+    # The run config as an object, in forks that pickle RunConfig instead of the official
+    # pyrallis.encode(RunConfig) dict: official training/config.py ...
+    ("training.config", "RunConfig"), ("training.config", "LogConfig"),
+    ("training.config", "DataConfig"), ("training.config", "ModelConfig"),
+    ("training.config", "EvalConfig"), ("training.config", "OptimConfig"),
+    # ... and utils/types.py (ModelConfig.__post_init__ turns pe_sigmas into one).
+    ("utils.types", "PESigmas"),
+)
+# The paths of such a config (LogConfig.exp_dir, DataConfig.train_data_dir) become pure paths:
+# strings with path syntax, no file-system access. pathlib._local is their module from Python
+# 3.13 on.
+PATH_CLASSES = {("pathlib", "PosixPath"): pathlib.PurePosixPath,
+                ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+                ("pathlib._local", "PosixPath"): pathlib.PurePosixPath,
+                ("pathlib._local", "WindowsPath"): pathlib.PureWindowsPath}
 
 
 @dataclasses.dataclass
@@ -89,38 +105,20 @@ def _stand_in_class(module: str, name: str) -> type:
     return type(name, (StandIn,), {"_pickled_as": f"{module}.{name}", "__module__": module})
 
 
-class Unpickler(pickle.Unpickler):
-    """Resolves torch / numpy / standard containers; stands in for every other class."""
-
-    def find_class(self, module: str, name: str):
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
-        if module == "copyreg" and name in _SAFE_COPYREG:
-            return super().find_class(module, name)
-        if module.split(".")[0] in _REAL_MODULE_PREFIXES:
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                pass
-        return _stand_in_class(module, name)
-
-
-# torch.load(pickle_module=...) uses the module's Unpickler (and load for legacy files).
-stand_in_pickle = types.ModuleType("stand_in_pickle")
-stand_in_pickle.Unpickler = Unpickler
-stand_in_pickle.load = lambda f, **kwargs: Unpickler(f, **kwargs).load()
+def _official_globals() -> list[tuple[Any, str]]:
+    """What safe_globals registers: stand-ins and pure paths under the official names."""
+    stand_ins = [(_stand_in_class(module, name), f"{module}.{name}")
+                 for module, name in OFFICIAL_CLASSES]
+    return stand_ins + [(cls, f"{module}.{name}") for (module, name), cls in PATH_CLASSES.items()]
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
-    """torch.load (of a local or gs:// file) without the classes the file names (they become
-    StandIns)."""
-    try:
-        return torch.load(io.BytesIO(as_path(path).read_bytes()), map_location="cpu",
-                          weights_only=False, pickle_module=stand_in_pickle)
-    except FileNotFoundError:
-        raise UserError(f"NeTI checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises many kinds for a file that is not its own
-        raise UserError(f"{path} is not a readable PyTorch file: {e}") from None
+    """The official file (local or gs://) through the hardened torch.load(weights_only=True)
+    that both importers share, the official classes read as StandIns: a file naming any other
+    global is refused (a one-line UserError) before anything of it runs."""
+    return read_torch_file(path, what="NeTI checkpoint",
+                           holds="tensors, its encoder and its run config only",
+                           safe_globals=_official_globals())
 
 
 # ---------------------------------------------------------------------------- cfg
@@ -137,7 +135,7 @@ def plain_data(value: Any) -> Any:
         return plain_data(value.value)
     if isinstance(value, pathlib.PurePath):
         return str(value)
-    if isinstance(value, torch.Tensor):
+    if torch_or_exit().is_tensor(value):
         return value.tolist()
     if isinstance(value, StandIn):
         state = {k: v for k, v in vars(value).items() if not k.startswith("_")}
@@ -196,7 +194,8 @@ def _encoder_kind(encoder: Any, state_dict: dict) -> str:
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    torch = torch_or_exit()
+    if torch.is_tensor(value):
         return value.detach().to(torch.float32).cpu().numpy()
     return np.asarray(value, np.float32)
 
@@ -256,7 +255,7 @@ def _check_duplicate_input_layer(state_dict: dict) -> None:
     """net.0 is the same module as input_layer: equal weights, or the file is inconsistent."""
     for leaf in ("weight", "bias"):
         a, b = state_dict.get(f"input_layer.{leaf}"), state_dict.get(f"net.0.{leaf}")
-        if a is not None and b is not None and not torch.equal(a, b):
+        if a is not None and b is not None and not torch_or_exit().equal(a, b):
             raise UserError(f"NeTI checkpoint: net.0.{leaf} differs from input_layer.{leaf} "
                             f"(they are one module in the reference)")
 

@@ -24,6 +24,7 @@ from spacetime_jax.data.latents import LatentMoments, sample_latents
 from spacetime_jax.diffusion.schedules import (DDPMSchedule, add_noise, sample_timesteps,
                                                training_target)
 from spacetime_jax.neti.sample import concept_contexts
+from spacetime_jax.training.guard import all_finite, reported_loss
 
 
 @flax.struct.dataclass
@@ -147,7 +148,8 @@ def step_rngs(seeds: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def keep_real_rows(real: Optional[jax.Array], new: Any, old: Any) -> Any:
-    """`new` on real concept rows, `old` on padding rows (leading axis K on every leaf)."""
+    """`new` on rows where `real` (K,) is True, `old` elsewhere (leading axis K on every
+    leaf): padding rows, and concepts whose step was not finite."""
     if real is None:
         return new
     def select(new_leaf, old_leaf):
@@ -160,16 +162,20 @@ def train_step(state: TrainState, data: ConceptData, frozen, schedule: DDPMSched
                optimizer: optax.GradientTransformation,
                statics: StepStatics) -> tuple[TrainState, jax.Array]:
     """One optimizer step for all K concepts; returns the new state and the (K,) losses
-    (0 on padding rows, whose params and optimizer state stay as they were)."""
+    (0 on padding rows, whose params and optimizer state stay as they were). A concept whose
+    loss or gradient is not finite keeps its params and optimizer state and reports NaN
+    (training/guard.py); the others step on."""
     rngs = step_rngs(data.seeds, state.step)
     per_concept = jax.vmap(concept_grads, in_axes=(0, None, None, 0, 0, None),
                            spmd_axis_name=_concept_axis(statics))
     losses, grads = per_concept(state.params, frozen, schedule, data, rngs, statics)
     updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params, opt_state = keep_real_rows(data.real, (params, opt_state),
+    finite = jax.vmap(all_finite)(losses, grads)
+    stepping = finite if data.real is None else finite & data.real
+    params, opt_state = keep_real_rows(stepping, (params, opt_state),
                                        (state.params, state.opt_state))
-    losses = keep_real_rows(data.real, losses, jnp.zeros_like(losses))
+    losses = keep_real_rows(data.real, reported_loss(finite, losses), jnp.zeros_like(losses))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), losses
 
 

@@ -29,32 +29,36 @@ from spacetime_jax.data.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 from spacetime_jax.diffusion.schedules import ddpm_schedule
 from spacetime_jax.errors import UserError
 from spacetime_jax.models.builtin import resolve_builtin
-from spacetime_jax.models.pretrained import load_stable_diffusion, model_summary
-from spacetime_jax.models.tokenizer import check_prompt_length, find_token_positions, tokenize
+from spacetime_jax.models.pretrained import (load_model_tokenizer, load_stable_diffusion,
+                                             model_summary)
+from spacetime_jax.models.tokenizer import (check_prompt_length, find_token_positions, tokenize,
+                                            warn_unknown_words)
 from spacetime_jax.neti.batch import (ConceptSpec, check_images, check_tokens,
-                                      concept_name, pad_rows, padded_count, read_concept_set,
-                                      real_rows, resize_rows)
+                                      concept_name, folder_placeholder, pad_rows, padded_count,
+                                      read_concept_set, real_rows, resize_rows)
 from spacetime_jax.neti.concept import Concept, prepare_text_encoder, save_concept
 from spacetime_jax.neti.mapper import MapperConfig, build_mapper, init_mapper_variables
 from spacetime_jax.neti.sample import format_prompts, generate
 from spacetime_jax.neti.step import (ConceptData, StepStatics, TrainState, evaluation_loss,
                                      train_step)
 from spacetime_jax.parallel import sharding
-from spacetime_jax.parallel.mesh import make_mesh, replicas_per_concept, topology
+from spacetime_jax.parallel.mesh import make_mesh, replicas_per_concept, topology, tracing_mesh
 from spacetime_jax.parallel.multihost import (addressable_rows, fail_together, is_lead,
                                               lead_print, put_process_rows, to_host)
 from spacetime_jax.paths import PathLike, as_path
 from spacetime_jax.pipelines.sample_job import compute_dtype
 from spacetime_jax.training.checkpoint import check_compatible
+from spacetime_jax.training.config_checks import check_training_config
 from spacetime_jax.training.loop import LoopSettings, TrainingLoop
+from spacetime_jax.training.progress import track
 from spacetime_jax.training.remat import check_remat_policy
-from spacetime_jax.visualize import save_grid
+from spacetime_jax.visualize import image_grid, save_png
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 # Keys a resumed run may change without a new workdir. The mesh and the processes may change
 # too: the loop then checks that the batch and learning rate stay (parallel.mesh.topology).
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "validation", "mesh",
-                  "distributed")
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "attention",
+                  "validation", "mesh", "distributed")
 NONFINITE_HINT = "Lower train.learning_rate or check the images"
 
 
@@ -82,7 +86,9 @@ def concept_specs(config) -> list[ConceptSpec]:
     if not config.data.images:
         raise UserError("data.images is not set: --config.data.images=FOLDER of the concept's "
                         "images")
-    return [ConceptSpec(concept_name(c.placeholder), config.data.images, c.placeholder,
+    # The concept is the user's folder: its name is the placeholder unless one is given.
+    placeholder = c.placeholder or folder_placeholder(as_path(config.data.images).name)
+    return [ConceptSpec(concept_name(placeholder), config.data.images, placeholder,
                         c.super_category, c.learnable_property)]
 
 
@@ -335,6 +341,7 @@ def run(config, workdir: str) -> None:
     # step; process 0 alone prints and writes metrics, validation grids and the concepts
     # (checkpoints are orbax's, which coordinates the processes itself). main.py joined the
     # processes and resolved every path.
+    check_training_config(config)
     mesh = make_mesh(dict(config.mesh))
     workdir = as_path(workdir)
     config_dict = config.to_dict()
@@ -348,9 +355,16 @@ def run(config, workdir: str) -> None:
     fail_together("concept images", lambda: check_images(
         [spec for index, spec in enumerate(specs) if index in mine], config.data.resolution))
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
-    sd = load_stable_diffusion(resolve_builtin(config.model), compute_dtype(config.compute_dtype))
+    # Tokens need the tokenizer alone: a bad placeholder or super-category waits for no weights.
+    model = resolve_builtin(config.model)
+    tokenizer = load_model_tokenizer(model, config.model_revision)
+    check_tokens(specs, tokenizer)
+    if config.validation.every:
+        warn_unknown_words(tokenizer, config.validation.prompts, "validation.prompts",
+                           config.model)
+    sd = load_stable_diffusion(model, compute_dtype(config.compute_dtype),
+                               revision=config.model_revision, attention=config.attention)
     lead_print(model_summary(sd))
-    check_tokens(specs, sd.tokenizer)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
     session = build_session(config, sd, text, specs, mesh, workdir)
@@ -371,8 +385,9 @@ def run(config, workdir: str) -> None:
 
     # --- The compiled step (ahead of time; weights are arguments, the state is donated).
     compile_start = time.perf_counter()
-    compiled = session.step_fn().lower(state, session.data, session.frozen,
-                                       session.schedule).compile()
+    with tracing_mesh(mesh, config.attention):
+        compiled = session.step_fn().lower(state, session.data, session.frozen,
+                                           session.schedule).compile()
     padding = session.padded_count - K
     lead_print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
                f"{session.learning_rate:g}; {K} concept(s)"
@@ -385,11 +400,12 @@ def run(config, workdir: str) -> None:
 
     def validate(step_number: int, state) -> dict:
         variables = concepts_to_host(state.params, session.data.encoding, K)
-        if is_lead():
-            write_validation_grids(workdir / "validation" / f"step_{step_number:06d}", sd, text,
-                                   session.concepts, [s.name for s in specs], variables,
-                                   config.validation)
-        return {}
+        if not is_lead():
+            return {}
+        grids = write_validation_grids(workdir / "validation" / f"step_{step_number:06d}", sd,
+                                       text, session.concepts, [s.name for s in specs],
+                                       variables, config.validation, step_number)
+        return {f"validation/{name}": grid for name, grid in grids.items()}
 
     state = loop.run(state, start, step, to_checkpoint=session.checkpoint_state,
                      validate=validate)
@@ -415,9 +431,12 @@ def concepts_to_host(stacked_params, stacked_encoding, num_concepts: int) -> lis
 
 
 def write_validation_grids(folder: PathLike, sd, text, concepts, names, variables,
-                           validation) -> None:
-    """The reference's validation: prompts x seeds per concept, as grids (folder/<name>.png)."""
-    for index, (concept, name) in enumerate(zip(concepts, names)):
+                           validation, step: int) -> dict[str, np.ndarray]:
+    """The reference's validation: prompts x seeds per concept, as grids (folder/<name>.png),
+    titled with the concept and `step`. Returns {name: the grid's pixels} (for TensorBoard)."""
+    grids = {}
+    for index, (concept, name) in enumerate(track(list(zip(concepts, names)),
+                                                  "validation sampling", unit="concept")):
         prompts = format_prompts(validation.prompts, concept.placeholder)
         rows = [p for p in prompts for _ in validation.seeds]
         seeds = [s for _ in prompts for s in validation.seeds]
@@ -425,6 +444,11 @@ def write_validation_grids(folder: PathLike, sd, text, concepts, names, variable
                           rows, seeds, variables=variables[index],
                           num_steps=validation.steps, guidance_scale=validation.guidance_scale,
                           method=validation.sampler)
-        save_grid(as_path(folder) / f"{name}.png", images, rows=len(prompts),
-                  cols=len(validation.seeds), row_labels=list(validation.prompts),
-                  col_labels=[f"seed {s}" for s in validation.seeds])
+        grid = image_grid(images, rows=len(prompts), cols=len(validation.seeds),
+                          row_labels=prompts,
+                          col_labels=[f"seed {s}" for s in validation.seeds],
+                          title=f"NeTI {concept.placeholder}, step {step}: validation prompts "
+                                f"x seeds {', '.join(map(str, validation.seeds))}")
+        save_png(as_path(folder) / f"{name}.png", grid)
+        grids[name] = np.asarray(grid)
+    return grids

@@ -6,6 +6,7 @@ name any of them; an axis left out of the config has size 1.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 
 from spacetime_jax.errors import UserError
+from spacetime_jax.models.attention_kernels import resolve_attention
 
 MESH_AXES = ("concept", "data", "model")
 
@@ -108,3 +110,12 @@ def maybe_initialize_distributed(settings: Mapping[str, Any] | None = None) -> b
     logging.info("joined a run of %d processes as process %d", jax.process_count(),
                  jax.process_index())
     return True
+
+
+def tracing_mesh(mesh: jax.sharding.Mesh, attention: str):
+    """The context a step is traced and compiled in: the splash kernel (a Pallas TPU call)
+    cannot be partitioned automatically and runs per device inside a shard_map over this
+    mesh, which it finds through jax.set_mesh; every other kernel needs nothing."""
+    if resolve_attention(attention) == "splash" and mesh.size > 1:
+        return jax.set_mesh(mesh)
+    return contextlib.nullcontext()

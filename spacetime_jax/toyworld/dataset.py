@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from spacetime_jax.toyworld.world import generate
+from spacetime_jax.training.progress import track
 
 CHUNK = 500  # examples per worker task: large enough that a task outweighs its overhead
 
@@ -41,16 +42,19 @@ def _render_chunk(task: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarr
 def render_pretraining_set(num_examples: int, seed: int, size: int = 64, processes: int = 2,
                            chunk: int = CHUNK) -> PretrainingSet:
     """Examples 0 .. num_examples - 1 of `seed`, rendered by `processes` worker processes
-    (1: in this process), `chunk` examples a task."""
+    (1: in this process), `chunk` examples a task; a progress bar (or plain lines) counts
+    the images."""
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     tasks = [(seed, start, min(chunk, num_examples - start), size)
              for start in range(0, num_examples, chunk)]
+    shown = lambda rendered: track(rendered, "rendering", total=num_examples, unit="img",
+                                   size_of=lambda chunk: len(chunk[2]))
     if processes <= 1 or len(tasks) == 1:
-        chunks = [_render_chunk(task) for task in tasks]
+        chunks = list(shown(map(_render_chunk, tasks)))
     else:
         with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks))) as pool:
-            chunks = pool.map(_render_chunk, tasks)
+            chunks = list(shown(pool.imap(_render_chunk, tasks)))
     images, masks, captions = zip(*chunks)
     return PretrainingSet(np.concatenate(images), np.concatenate(masks),
                           [c for chunk in captions for c in chunk])

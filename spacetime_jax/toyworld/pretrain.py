@@ -268,7 +268,10 @@ def validate(model_dir: Path, config: ml_collections.ConfigDict, grid_path: Path
                            num_steps=s.steps, guidance_scale=s.guidance_scale, method=s.sampler)
     seconds = time.perf_counter() - start
     save_grid(grid_path, images[:len(grid_prompts)], rows=len(s.prompts), cols=len(s.seeds),
-              row_labels=list(s.prompts), col_labels=[f"seed {x}" for x in s.seeds])
+              row_labels=list(s.prompts), col_labels=[f"seed {x}" for x in s.seeds],
+              title=f"the pretrained toy-world model: prompts x seeds "
+                    f"{', '.join(map(str, s.seeds))}; {s.steps} {s.sampler} steps, guidance "
+                    f"{s.guidance_scale:g}")
     samples = images[len(grid_prompts):]
     background_hits = [measure_background_color(img) == bg
                        for img, (_, _, bg) in zip(samples, scored)]

@@ -37,6 +37,7 @@ from spacetime_jax.toyworld.captions import world_vocabulary
 from spacetime_jax.toyworld.scene import COLORS
 from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
+from spacetime_jax.training.guard import all_finite, keep_if_finite, reported_loss
 from spacetime_jax.training.progress import read_metrics
 
 # NeTI's validation prompts: prompts written for this world should tokenize to whole words.
@@ -164,7 +165,9 @@ def make_train_step(model: CLIPModel, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
-        return TrainState(params, opt_state), {"loss": loss}
+        finite = all_finite(loss, grads)
+        new_state = keep_if_finite(finite, TrainState(params, opt_state), state)
+        return new_state, {"loss": reported_loss(finite, loss)}
 
     return jax.jit(step, donate_argnums=(0,))
 

@@ -29,6 +29,7 @@ from spacetime_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spacetime_jax.models.vae import sample_latents
 from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
+from spacetime_jax.training.guard import all_finite, keep_if_finite, reported_loss
 from spacetime_jax.training.progress import read_metrics
 
 MAX_HELD_OUT = 256  # examples kept out of training (at most an eighth): a fixed noise loss
@@ -167,7 +168,12 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
         decay = ema_decay_at(state.step, ema_decay)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                   state.ema_params, params)
-        return TrainState(state.step + 1, params, opt_state, ema_params), {"loss": loss}
+        finite = all_finite(loss, grads)
+        params, opt_state, ema_params = keep_if_finite(
+            finite, (params, opt_state, ema_params),
+            (state.params, state.opt_state, state.ema_params))
+        return (TrainState(state.step + 1, params, opt_state, ema_params),
+                {"loss": reported_loss(finite, loss)})
 
     return jax.jit(step, donate_argnums=(0,))
 

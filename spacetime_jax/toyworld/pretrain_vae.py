@@ -31,6 +31,7 @@ from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
 from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
+from spacetime_jax.training.guard import all_finite, keep_if_finite, reported_loss
 from spacetime_jax.training.progress import read_metrics
 
 MAX_HELD_OUT = 64  # images kept out of training (at most an eighth) to score reconstruction
@@ -119,8 +120,10 @@ def make_train_step(model: AutoencoderKL, optimizer: optax.GradientTransformatio
         (loss, (l1, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, to_model_range(images_uint8), rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return (TrainState(optax.apply_updates(state.params, updates), opt_state),
-                {"loss": loss, "l1": l1, "kl": kl})
+        finite = all_finite(loss, grads)
+        new_state = keep_if_finite(
+            finite, TrainState(optax.apply_updates(state.params, updates), opt_state), state)
+        return new_state, {"loss": reported_loss(finite, loss), "l1": l1, "kl": kl}
 
     return jax.jit(step, donate_argnums=(0,))
 

@@ -20,9 +20,12 @@ key dtype of the matching leaf of `abstract_state`. Callers just keep typed keys
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,6 +42,51 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(workdir) / "checkpoints"
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the message says which complete one is kept."""
+
+
+class _OrbaxErrorsAsOneLine(logging.Filter):
+    """orbax logs a failed background write at ERROR, traceback and all, from each of its
+    threads, then raises it to the caller; Checkpointer._writing turns that into one line
+    with the reason. The log records would bury that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "/orbax/" not in record.pathname
+
+
+def _late_callback_onto_a_closed_loop(kind, value, traceback) -> bool:
+    """After a failed write, tensorstore completes the writes still in flight on its own
+    threads and calls back into orbax's event loop, which has closed: harmless, and printed
+    once per write in flight."""
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return (kind is RuntimeError and str(value) == "Event loop is closed" and
+            traceback is not None and traceback.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _report_write_failures_once() -> None:
+    """A failed checkpoint write ends the run with Checkpointer._writing's one line, not with
+    pages of orbax's logs and tensorstore's late callbacks."""
+    absl_logger = logging.getLogger("absl")
+    if any(isinstance(f, _OrbaxErrorsAsOneLine) for f in absl_logger.filters):
+        return
+    absl_logger.addFilter(_OrbaxErrorsAsOneLine())
+    # tensorstore reports an exception in a callback through either hook.
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, traceback):
+        if not _late_callback_onto_a_closed_loop(kind, value, traceback):
+            previous_excepthook(kind, value, traceback)
+
+    def unraisablehook(unraisable):
+        if not _late_callback_onto_a_closed_loop(unraisable.exc_type, unraisable.exc_value,
+                                                 unraisable.exc_traceback):
+            previous_unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 class Checkpointer:
     """Saves and restores a run's (state, config, metadata) under workdir/checkpoints.
 
@@ -53,6 +101,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
         )
         self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        _report_write_failures_once()
 
     def save(self, step: int, state: Any, config_dict: Mapping[str, Any],
              metadata: Mapping[str, Any]) -> bool:
@@ -62,11 +111,12 @@ class Checkpointer:
         With async_save the call returns once the arrays are copied to host memory (so the
         caller may donate or overwrite them); the files are written in a background thread.
         """
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_keys_to_data(state)),
-            config=ocp.args.JsonSave(dict(config_dict)),
-            metadata=ocp.args.JsonSave(dict(metadata)),
-        ))
+        with self._writing():
+            return self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_keys_to_data(state)),
+                config=ocp.args.JsonSave(dict(config_dict)),
+                metadata=ocp.args.JsonSave(dict(metadata)),
+            ))
 
     def latest_step(self) -> int | None:
         """The newest saved step (one still being written by this process included)."""
@@ -98,10 +148,35 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with self._writing():
+            self._manager.close()
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose checkpoints orbax finished writing, as they are on disk now."""
+        return sorted(ocp.path.step.checkpoint_steps(self._manager.directory))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (a full disk, a folder that became unwritable) as one UserError: an
+        async save's failure surfaces at the next save, wait or close."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:  # orbax and tensorstore raise many types for I/O failures
+            complete = self.complete_steps()
+            kept = (f"the newest complete checkpoint, step {complete[-1]}, is kept"
+                    if complete else "no checkpoint was complete")
+            reason = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                          type(err).__name__)
+            raise CheckpointWriteError(
+                f"writing a checkpoint to {self._manager.directory} failed ({reason[:300]}): "
+                f"training stopped; {kept}. Free space or fix the folder's permissions, then "
+                "run the same command to resume") from err
 
     def __enter__(self) -> Checkpointer:
         return self

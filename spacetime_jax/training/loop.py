@@ -13,11 +13,12 @@ A job builds its state, shardings and compiled step, then hands the loop what di
 What the loop owns, once for all jobs: orbax checkpoints every n steps, at the end and on
 SIGTERM (then exit 143, and the same command resumes); resume from the newest complete
 checkpoint, refused when the device topology would change the batch or learning rate;
-progress lines and metrics.jsonl (process 0); validation every m steps; a non-finite loss
-stops the run at the step where it happened with the last good checkpoint kept. The finite
-check reads a step's loss one step late (while the next step runs), and at once on steps
-that log, validate or checkpoint, so no non-finite state is ever saved and no step waits
-for the host otherwise.
+progress (a bar on a terminal, lines otherwise), metrics.jsonl, TensorBoard scalars and
+validation images, and WORKDIR/loss.png at the end (process 0; training/progress.py);
+validation every m steps; a non-finite loss stops the run at the step where it happened with
+the last good checkpoint kept. The finite check reads a step's loss one step late (while the
+next step runs), and at once on steps that log, validate or checkpoint, so no non-finite
+state is ever saved and no step waits for the host otherwise.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ PREEMPTED_STATUS = 128 + signal.SIGTERM
 TOPOLOGY_INVARIANTS = {"global_batch": "global batch", "learning_rate": "learning rate"}
 
 StepFn = Callable[[Any, int], tuple[Any, Mapping[str, Any]]]
-ValidateFn = Callable[[int, Any], Mapping[str, float]]
+# Validation results: metrics (floats) and images ((H, W, 3) uint8 arrays: grids for TensorBoard).
+ValidateFn = Callable[[int, Any], Mapping[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +136,8 @@ class TrainingLoop:
         step_fn(state, step) runs step `step` (1-based) and returns (state, metrics): device
         values, read on the host only when logged or checked. validate(step, state) runs every
         settings.validate_every steps and at the last on every process (it gathers what it
-        needs; process 0 writes) and returns extra metrics for that step's line.
+        needs; process 0 writes) and returns extra metrics for that step's line and images
+        ((H, W, 3) uint8) for TensorBoard.
         """
         s = self.settings
         progress = Progress(s.steps, s.log_every, self.workdir, start_step=start,
@@ -155,6 +158,8 @@ class TrainingLoop:
                         self._check_finite(*unchecked)
                         unchecked = None
                     extra = dict(validate(step, state)) if validating else {}
+                    progress.add_images(step, {name: extra.pop(name) for name in list(extra)
+                                               if np.ndim(extra[name]) == 3})
                     progress.update(step, **metrics, **extra)
                     if saving:
                         self.checkpointer.save(step, to_checkpoint(state), self.config_dict,

@@ -1,34 +1,52 @@
-"""Progress of a long job: one line every few steps, and the same numbers as JSON lines.
+"""Progress of a long job: a live bar on a terminal, plain lines elsewhere, and the same
+numbers as JSON lines.
 
     progress = Progress(total_steps=5000, log_every=100, workdir=run_dir)
     for step in range(1, 5001):
         ...
         progress.update(step, loss=loss)  # loss may stay a device array
+    progress.close()
 
-A line shows the step, each metric averaged over the steps since the previous line, the
-speed over those steps and the time left at that speed. Metrics are fetched from the device
-only when a line is written, so calling `update` every step does not stall the step's
-asynchronous dispatch. With a workdir (local or gs://), the records go to
-workdir/metrics.jsonl (a resumed run keeps the lines up to its start step) and, with
-tensorboardX installed, to workdir/tensorboard (`tensorboard --logdir WORKDIR`). In a
+Every `log_every` steps a line shows the step, each metric averaged over the steps since the
+previous line, the speed over those steps and the time left at that speed:
+
+    step 200/1000 loss 0.1234 | 3.21 it/s, eta 4m09s, elapsed 1m02s
+
+When stdout is a terminal, a tqdm bar below those lines shows the step, the last logged
+metrics, it/s and the ETA live, step by step (whatever is printed while it runs goes above
+it). Metrics are fetched from the device only when a line is written, so calling `update`
+every step does not stall the step's asynchronous dispatch. With a workdir (local or gs://),
+the records go to workdir/metrics.jsonl (a resumed run keeps the lines up to its start step)
+and, with tensorboardX installed, to workdir/tensorboard (`tensorboard --logdir WORKDIR`),
+validation images too (`add_images`); `close` draws workdir/loss.png from the records. In a
 multi-process run every process calls `update` and only process 0 prints and writes: one
 line per step for the run, one file.
+
+`track` is the same for any other loop (sampling batches, rendering a data set): a bar on a
+terminal, else a plain line every LINE_EVERY_S seconds, nothing on processes other than 0.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TextIO, TypeVar
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from spacetime_jax.paths import PathLike, as_path, is_remote, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LINE_EVERY_S = 30.0  # `track`'s plain lines: at most one per this many seconds
+# The training bar: "step 40/200, loss 0.1234 |#####     | 3.21it/s, eta 00:50, elapsed 00:12".
+STEP_BAR_FORMAT = ("step {n_fmt}/{total_fmt}{postfix} |{bar}| {rate_fmt}, eta {remaining}, "
+                   "elapsed {elapsed}")
+T = TypeVar("T")
 
 
 class TensorBoard:
@@ -43,6 +61,10 @@ class TensorBoard:
 
     def add_scalar(self, name: str, value: float, step: int) -> None:
         self._writer.add_scalar(name, value, step)
+
+    def add_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """`image`: (H, W, 3) uint8."""
+        self._writer.add_image(name, image, step, dataformats="HWC")
 
     def flush(self) -> None:
         self._writer.flush()
@@ -92,16 +114,90 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def speed_text(done: int, total: Optional[int], per_s: Optional[float],
+               unit: str = "it") -> str:
+    """'3.21 it/s, eta 4m09s' ('? it/s' before there is a speed; no eta without a total)."""
+    if not per_s:
+        return f"? {unit}/s"
+    eta = f", eta {format_duration((total - done) / per_s)}" if total else ""
+    return f"{per_s:.2f} {unit}/s{eta}"
+
+
+def is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def is_lead_process() -> bool:
+    return jax.process_index() == 0
+
+
+class _AboveBars:
+    """sys.stdout while a bar is drawn on it: each printed line goes above the bars
+    (tqdm.write), so that prints do not break the bar's line."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        # print() writes its parts and its newline separately: whole lines only.
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            tqdm.write(line, file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False  # a bar opened meanwhile (validation sampling) writes lines instead
+
+    def finish(self) -> None:
+        if self._partial:
+            tqdm.write(self._partial, file=self.stream)
+            self._partial = ""
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ...
+        return getattr(self.stream, name)
+
+
+class _StepBar:
+    """The training bar on a terminal stream; prints go above it while it is open."""
+
+    def __init__(self, total: int, done: int, stream: TextIO):
+        self.bar = tqdm(total=total, initial=done, file=stream, bar_format=STEP_BAR_FORMAT,
+                        dynamic_ncols=True)
+        self._redirect = _AboveBars(stream) if sys.stdout is stream else None
+        if self._redirect is not None:
+            sys.stdout = self._redirect
+
+    def advance_to(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def show(self, metrics: str) -> None:
+        self.bar.set_postfix_str(metrics, refresh=True)
+
+    def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.finish()
+            if sys.stdout is self._redirect:
+                sys.stdout = self._redirect.stream
+        self.bar.close()
+
+
 class Progress:
     """`update(step, **metrics)` after each step; `step` counts finished steps (1..total).
 
     Writes a line (and, with `workdir`, a JSON line to workdir/metrics.jsonl) every
-    `log_every` steps and at the last one. Speeds leave out the first step of the run (its
-    compilation); the first line of a run logged at its first step shows no speed.
+    `log_every` steps and at the last one, through `log`. Speeds leave out the first step of
+    the run (its compilation); the first line of a run logged at its first step shows no
+    speed. On a terminal `stream` (default: sys.stdout) a bar shows every step.
     """
 
     def __init__(self, total_steps: int, log_every: int, workdir: Optional[PathLike] = None,
-                 start_step: int = 0, log: Callable[[str], Any] = print):
+                 start_step: int = 0, log: Callable[[str], Any] = print,
+                 stream: Optional[TextIO] = None):
         """`start_step`: the step a resumed run starts after (its steps count from there;
         metrics.jsonl keeps the lines up to it and drops those a killed run wrote later)."""
         if total_steps < 1 or log_every < 1:
@@ -109,6 +205,7 @@ class Progress:
                              "be >= 1")
         self.total_steps = total_steps
         self.log_every = log_every
+        self.workdir = workdir
         self.metrics_path = as_path(workdir) / METRICS_FILE if workdir is not None else None
         self.log = log
         self.start_time = time.perf_counter()
@@ -119,8 +216,12 @@ class Progress:
         self._pending: dict[str, list] = {}
         self._tensorboard = None
         # Every process of a multi-process run steps through here; process 0 speaks for all.
-        self._writes = jax.process_index() == 0
+        self._writes = is_lead_process()
+        self._stream = sys.stdout if stream is None else stream
+        self._bar: Optional[_StepBar] = None  # opened by the first update, on a terminal
         self._records: list[dict] = []
+        self._logged = 0  # records written by this run (a finished run's rerun adds none)
+        self._closed = False
         if self.metrics_path is not None and self._writes:
             self._records = read_metrics(workdir, start_step)
             self._tensorboard = tensorboard_writer(workdir)
@@ -136,11 +237,24 @@ class Progress:
         now = time.perf_counter()
         if self._window is None:
             self._window = (step, now)
+            if self._writes and is_terminal(self._stream):
+                self._bar = _StepBar(self.total_steps, step, self._stream)
+        if self._bar is not None:
+            self._bar.advance_to(step)
         for name, value in metrics.items():
             self._pending.setdefault(name, []).append(value)
         if not self.writes_at(step):
             return None
         return self._write(step, now)
+
+    def add_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """(H, W, 3) uint8 images (validation grids) into TensorBoard at `step`, when
+        tensorboardX is installed; call it before `update(step)`."""
+        if self._tensorboard is None or not images:
+            return
+        for name, image in images.items():
+            self._tensorboard.add_image(name, np.asarray(image, np.uint8), step)
+        self._tensorboard.flush()
 
     def _write(self, step: int, now: float) -> dict:
         window_step, window_time = self._window
@@ -159,30 +273,76 @@ class Progress:
 
         shown = " ".join(f"{name} {value:.4g}" for name, value in record.items()
                          if name not in ("step", "steps_per_s", "elapsed_s"))
-        if steps_per_s:
-            speed = (f"{steps_per_s:.2f} it/s, eta "
-                     f"{format_duration((self.total_steps - step) / steps_per_s)}")
-        else:
-            speed = "? it/s"
-        self.log(f"step {step}/{self.total_steps} {shown} | {speed}, "
+        if self._bar is not None:
+            self._bar.show(shown)
+        self.log(f"step {step}/{self.total_steps} {shown} | "
+                 f"{speed_text(step, self.total_steps, steps_per_s)}, "
                  f"elapsed {format_duration(record['elapsed_s'])}")
         if self.metrics_path is not None:
             # Rewritten whole: a GCS object cannot be appended to, and a reader never sees
             # half a line.
             self._records.append(record)
+            self._logged += 1
             write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
         if self._tensorboard is not None:
             for name, value in record.items():
                 if name != "step" and value is not None:
                     self._tensorboard.add_scalar(name, value, step)
             self._tensorboard.flush()
-            if step == self.total_steps:
-                self.close()
+        if step == self.total_steps:
+            self.close()
         return record
 
     def close(self) -> None:
-        """Finishes the TensorBoard file (its writer thread flushes asynchronously); the last
-        step does it, a run that stops early calls it."""
+        """Ends the bar, finishes the TensorBoard file (its writer thread flushes
+        asynchronously) and draws workdir/loss.png; the last step does it, a run that stops
+        early calls it. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._logged:
+            from spacetime_jax.plots import write_loss_plot  # matplotlib: only when drawing
+            write_loss_plot(self.workdir, self._records)
+
+
+def track(items: Iterable[T], what: str, *, total: Optional[int] = None, unit: str = "it",
+          size_of: Optional[Callable[[T], int]] = None, stream: Optional[TextIO] = None,
+          every_s: float = LINE_EVERY_S) -> Iterator[T]:
+    """Yields `items`, showing how far the loop over them is: a tqdm bar when `stream`
+    (default: sys.stdout) is a terminal, else a line "WHAT n/total | 2.50 unit/s, eta 12s,
+    elapsed 1m02s" at most every `every_s` seconds (and a last one if any was written);
+    nothing on processes other than 0. Each item counts `size_of(item)` (default 1) towards
+    `total` (default len(items)). Speeds leave out the first item (its compilation)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    stream = sys.stdout if stream is None else stream
+    size_of = size_of or (lambda item: 1)
+    if not is_lead_process():
+        yield from items
+        return
+    if is_terminal(stream):
+        with tqdm(total=total, desc=what, unit=unit, file=stream, dynamic_ncols=True) as bar:
+            for item in items:
+                yield item
+                bar.update(size_of(item))
+        return
+    start = last_line = time.perf_counter()
+    done, first, wrote = 0, None, False
+    for item in items:
+        yield item
+        done += size_of(item)
+        now = time.perf_counter()
+        first = first or (done, now)
+        finished = total is not None and done >= total
+        if now - last_line >= every_s or (finished and wrote):
+            per_s = (done - first[0]) / (now - first[1]) if done > first[0] else None
+            print(f"{what} {done}/{total if total is not None else '?'} | "
+                  f"{speed_text(done, total, per_s, unit)}, "
+                  f"elapsed {format_duration(now - start)}", file=stream, flush=True)
+            last_line, wrote = now, True
