@@ -446,9 +446,9 @@ def concept_sets(tmp) -> dict[str, Path]:
 
 BAD_SETS = [
     pytest.param("empty", "concept 'nothing' ({set}/nothing): no images (.jpg, .jpeg, .png, "
-                 ".webp, .bmp) in {set}/nothing", id="folder-without-images"),
+                 ".webp, .bmp, .gif) in {set}/nothing", id="folder-without-images"),
     pytest.param("broken", "concept 'bolt' ({set}/bolt): cannot read image {set}/bolt/broken.png:"
-                 " truncated or not an image", id="broken-image"),
+                 " truncated or malformed", id="broken-image"),
     pytest.param("duplicate", "concept 'a' ({set}/crescent): placeholder '<a>' is also that of "
                  "concept 'a' ({set}/arrow)", id="duplicate-placeholder"),
     pytest.param("two_word", "concept 'b' ({set}/bolt): super-category 'teddy bear' is 7 tokens;"

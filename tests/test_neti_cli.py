@@ -354,9 +354,9 @@ def interrupted_run(reference, cache, images, logs, tmp_path_factory):
 
 BAD_TRAINING_INPUT = [
     pytest.param("missing", {}, "image folder {missing} does not exist", id="missing-folder"),
-    pytest.param("empty", {}, "no images (.jpg, .jpeg, .png, .webp, .bmp) in {empty}",
+    pytest.param("empty", {}, "no images (.jpg, .jpeg, .png, .webp, .bmp, .gif) in {empty}",
                  id="empty-folder"),
-    pytest.param("broken", {}, "cannot read image {broken}/broken.png: truncated or not an image",
+    pytest.param("broken", {}, "cannot read image {broken}/broken.png: truncated or malformed",
                  id="truncated-png"),
     pytest.param("good", {"concept.placeholder": "star"}, "placeholder 'star' is already a token",
                  id="placeholder-star"),

@@ -130,7 +130,7 @@ def run_pretrain(workdir: Path, compilation_cache: Path) -> tuple[subprocess.Com
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, request):
     workdir = tmp_path_factory.mktemp("toyworld_pretrain")
-    cache = Path(request.config.cache.mkdir("xla-compilation"))
+    cache = tmp_path_factory.mktemp("xla-compilation")
     first, first_seconds = run_pretrain(workdir, cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rerun, rerun_seconds = run_pretrain(workdir, cache)
