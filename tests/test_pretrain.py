@@ -128,7 +128,7 @@ def run_pretrain(workdir: Path, compilation_cache: Path) -> tuple[subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, request):
+def smoke(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("toyworld_pretrain")
     cache = tmp_path_factory.mktemp("xla-compilation")
     first, first_seconds = run_pretrain(workdir, cache)
