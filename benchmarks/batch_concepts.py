@@ -1,6 +1,7 @@
 """Concepts per hour: K concepts in one NeTI run against the same K trained one after another.
 
   python benchmarks/batch_concepts.py [--model builtin:toyworld] [--ks 1,2,4,8] [--steps 10]
+      [--concepts-per-pass 0] [--no-one-pass]
 
 For each K, one Session of K concepts (the held-out toy-world concepts, cycled; 5 photos each)
 with configs/neti.py:tiny's settings on this host's devices (mesh: every device on `concept`
@@ -10,9 +11,14 @@ concept needs train.steps (200 for tiny) steps, so
   concepts/hour in one run   = K x 3600 / (train.steps x seconds per step of the K run)
   one after another          = 3600 / (train.steps x seconds per step of the K = 1 run)
 
-and the ratio says what batching buys. Also printed: XLA's FLOPs per step, and the per-device
-memory of the frozen weights (U-Net + text encoder) and of the trainable state (mapper params
-+ AdamW moments), from the arrays' own shards.
+and the ratio says what batching buys. The step computes the K concepts' gradients in passes
+of at most train.concepts_per_pass concepts per device (--concepts-per-pass; 0, the default,
+is auto: 2 on a CPU); where that makes more than one pass, the same K is also measured in one
+pass (all at once), unless --no-one-pass. Also printed: XLA's FLOPs per step (a loop body
+counted once), XLA's memory of one step call (arguments + outputs + temporaries - donated)
+and its temporaries alone, and the per-device memory of the frozen weights (U-Net + text
+encoder) and of the trainable state (mapper params + AdamW moments), from the arrays' own
+shards.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo
 import jax
 import numpy as np
 
-from benchmarks.common import compile_timed, cost_analysis_flops, format_or_na, format_table
+from benchmarks.common import (compile_timed, cost_analysis_flops, format_or_na, format_table,
+                               memory_analysis_bytes, temporary_bytes)
 from configs.neti import get_config
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
@@ -70,18 +77,19 @@ def concepts_per_hour(k: int, train_steps: int, seconds_per_step: float) -> floa
     return k * 3600 / (train_steps * seconds_per_step)
 
 
-def measure(k: int, model: str, steps: int, super_category: str | None, folder: Path) -> dict:
+def measure(k: int, model: str, steps: int, super_category: str | None, folder: Path,
+            per_pass: int) -> dict:
     config = get_config("tiny")
     devices = jax.device_count()
     on_concept = devices if k % devices == 0 else 1
     config.update_from_flattened_dict({"model": model, "mesh.concept": on_concept,
-                                       "mesh.data": -1})
+                                       "mesh.data": -1, "train.concepts_per_pass": per_pass})
     sd = load_stable_diffusion(resolve_builtin(model))
     specs = concept_specs(k, folder / f"k{k}", super_category)
     text = prepare_text_encoder(sd.text_encoder, sd.tokenizer, sd.text_params,
                                 [s.placeholder for s in specs], [s.super_category for s in specs])
     mesh = make_mesh(dict(config.mesh))
-    session = build_session(config, sd, text, specs, mesh, folder / f"k{k}_work")
+    session = build_session(config, sd, text, specs, mesh, folder / f"k{k}_{per_pass}_work")
     session.put()
     state = sharding.shard_put(session.initial_state, session.state_shardings)
     step, compile_seconds = compile_timed(session.step_fn(), state, session.data,
@@ -95,10 +103,17 @@ def measure(k: int, model: str, steps: int, super_category: str | None, folder: 
         jax.block_until_ready(losses)
         times.append(time.perf_counter() - start)
     return {"k": k, "mesh": dict(mesh.shape), "seconds": float(np.median(times)),
+            "passes": session.statics.concept_passes, "padded": session.padded_count,
             "compile": compile_seconds, "flops": cost_analysis_flops(step),
+            "memory_mb": ratio_mb(memory_analysis_bytes(step)),
+            "temporaries_mb": ratio_mb(temporary_bytes(step)),
             "frozen_mb": per_device_bytes(session.frozen) / 2**20,
             "trainable_mb": per_device_bytes(state) / 2**20,
             "train_steps": config.train.steps}
+
+
+def ratio_mb(nbytes):
+    return None if nbytes is None else nbytes / 2**20
 
 
 def main() -> None:
@@ -108,25 +123,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per K")
     parser.add_argument("--super-category", default=None,
                         help="one word for every concept (default: the nearest world word)")
+    parser.add_argument("--concepts-per-pass", type=int, default=0,
+                        help="train.concepts_per_pass (0: auto, -1: all at once)")
+    parser.add_argument("--no-one-pass", action="store_true",
+                        help="do not also measure in one pass a K that the setting splits")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     if 1 not in ks:
         ks = [1] + ks  # the one-after-another baseline
     print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); model {args.model}")
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [measure(k, args.model, args.steps, args.super_category, Path(tmp))
-                   for k in ks]
-    single = next(r for r in results if r["k"] == 1)
+        for k in ks:
+            results.append(measure(k, args.model, args.steps, args.super_category, Path(tmp),
+                                   args.concepts_per_pass))
+            if results[-1]["passes"] > 1 and not args.no_one_pass:
+                results.append(measure(k, args.model, args.steps, args.super_category,
+                                       Path(tmp), -1))
+    single = min((r for r in results if r["k"] == 1), key=lambda r: r["seconds"])
     rows = []
     for r in results:
         batched = concepts_per_hour(r["k"], r["train_steps"], r["seconds"])
         sequential = concepts_per_hour(1, single["train_steps"], single["seconds"])
-        rows.append([str(r["k"]), str(r["mesh"]), f"{r['seconds'] * 1e3:.0f}",
+        padding = r["padded"] - r["k"]
+        rows.append([str(r["k"]) + (f" (+{padding} pad)" if padding else ""), str(r["passes"]),
+                     str(r["mesh"]), f"{r['seconds'] * 1e3:.0f}",
                      f"{r['compile']:.0f}", format_or_na(r["flops"] and r["flops"] / 1e9, ".2f"),
                      f"{batched:.1f}", f"{sequential:.1f}", f"{batched / sequential:.2f}",
+                     format_or_na(r["memory_mb"], ".1f"), format_or_na(r["temporaries_mb"], ".1f"),
                      f"{r['frozen_mb']:.1f}", f"{r['trainable_mb']:.2f}"])
-    print(format_table(["K", "mesh", "ms/step", "compile s", "GFLOP/step", "concepts/h batched",
-                        "concepts/h one by one", "ratio", "frozen MB/device",
+    print(format_table(["K", "passes", "mesh", "ms/step", "compile s", "GFLOP/step",
+                        "concepts/h batched", "concepts/h one by one", "ratio",
+                        "step MB", "temporaries MB", "frozen MB/device",
                         "trainable MB/device"], rows))
 
 

@@ -84,6 +84,18 @@ def memory_analysis_bytes(compiled: Any) -> Optional[int]:
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def temporary_bytes(compiled: Any) -> Optional[int]:
+    """Device memory of a compiled computation's temporaries (activations, gradients,
+    intermediate copies), or None if the backend gives none."""
+    stats = _memory_stats(compiled)
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
+
+def argument_bytes(compiled: Any) -> Optional[int]:
+    stats = _memory_stats(compiled)
+    return None if stats is None else int(stats.argument_size_in_bytes)
+
+
 def memory_parts(compiled: Any) -> Optional[str]:
     """The same memory, itemized, in MB; None if the backend gives none."""
     stats = _memory_stats(compiled)

@@ -3,6 +3,7 @@
   python benchmarks/neti_step.py --size tiny
   python benchmarks/neti_step.py --size sd15 --resolution 256 --batch 1 --steps 2 --warmup 1
   python -m benchmarks.neti_step --size sd15 --dtype bfloat16 --no-torch   # on an accelerator
+  python benchmarks/neti_step.py --size tiny --time-levers all   # every lever timed too
 
 Both sides do one optimizer step of one concept on the same frozen model and the same batch
 size, with gradient accumulation 1 (the reference's runs accumulate 4 micro-batches: the
@@ -26,7 +27,13 @@ sequences holding the placeholder once (CLIP pads every prompt to 77 tokens).
 
 Printed: ms/step (median of --steps after --warmup), AOT compile time, XLA's FLOP count,
 achieved FLOP/s against a jitted matmul peak measured here in our dtype, peak memory, and the
-time of 1000 optimizer steps x 4 micro-batches. On a CPU busy with other jobs, PyTorch with
+time of 1000 optimizer steps x 4 micro-batches. Then the memory levers, each in a process of
+its own (XLA reads its flags once per process): XLA's memory analysis (arguments, temporaries,
+peak) of our step compiled under XLA:CPU's default concurrency scheduler, under the memory
+scheduler this project sets (training/compiler.py), with train.remat_policy dots and full (U-Net
+blocks and text-encoder layers), and with bf16 frozen weights and compute, each against the
+reference's peak; --time-levers NAME,... also times those (a lever compiles from shapes alone
+otherwise, so the table costs one compile per row). On a CPU busy with other jobs, PyTorch with
 several threads can be many times slower than with one (its threads wait on each other):
 compare with --torch-threads 1 there. On 2 shared CPU cores tiny takes 3-5 minutes (about
 2 of them compiling our step); sd15 at 256 px, batch 1 about 18 minutes and 11 GB of memory.
@@ -50,10 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import (compile_timed, cost_analysis_flops, device_description,
-                               format_or_na, format_table, matmul_peak_flops, median,
-                               memory_analysis_bytes, memory_parts, ratio_or_none,
-                               time_fn)
+from benchmarks.common import (argument_bytes, compile_timed, cost_analysis_flops,
+                               device_description, format_or_na, format_table,
+                               matmul_peak_flops, median, memory_analysis_bytes, memory_parts,
+                               ratio_or_none, temporary_bytes, time_fn)
 from benchmarks.unet_step import SD15_UNET
 from configs.neti import get_config
 from spacetime_jax.data.latents import LatentMoments
@@ -126,6 +133,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="our compute dtype for the frozen U-Net and text encoder (the "
                              "mapper and optimizer stay float32; PyTorch stays float32)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-levers", action="store_true",
+                        help="skip the memory levers table (one compile per lever, each in "
+                             "its own process)")
+    parser.add_argument("--time-levers", default="",
+                        help="levers whose step is also timed (--steps after --warmup), "
+                             f"comma-separated: {', '.join(LEVERS)} or all")
+    parser.add_argument("--lever", default=None, help=argparse.SUPPRESS)  # a lever's child
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                         help="PyTorch intra-op threads (default: every core); on a machine "
                              "shared with other jobs, 1 avoids threads waiting on each other")
@@ -273,6 +287,7 @@ def measure_ours(statics: StepStatics, params: Any, data: ConceptData, frozen_pa
     times, losses = time_fn(one_step, steps=steps, warmup=warmup)
     return {"seconds": median(times), "compile_s": compile_s,
             "flops": cost_analysis_flops(compiled), "memory": memory_analysis_bytes(compiled),
+            "arguments": argument_bytes(compiled), "temporaries": temporary_bytes(compiled),
             "memory_parts": memory_parts(compiled), "loss": float(np.mean(losses))}
 
 
@@ -448,6 +463,141 @@ def measure_reference(ref: TorchReference, batch: int, config: MapperConfig, ste
             "memory": None if rise is None else weights + rise}
 
 
+# --- memory levers: each compiled in its own process ---------------------------------------------
+
+# What each lever changes in the job's step. XLA reads XLA_FLAGS once per process, so the
+# XLA:CPU scheduler row needs a process of its own; every row gets one, alike.
+LEVERS = {  # short name (for --time-levers): (row, what it changes)
+    "concurrency": ("XLA:CPU's default scheduler (concurrency)", {"scheduler": "concurrency"}),
+    "memory": ("memory scheduler (ours, the default)", {}),
+    "dots": ("+ remat dots (train.remat_policy)", {"remat": "dots"}),
+    "full": ("+ remat full", {"remat": "full"}),
+    "bf16": ("+ bf16 frozen weights and compute", {"dtype": "bfloat16"}),
+}
+CPU_ONLY_LEVERS = ("concurrency",)
+LEVER_MARK = "LEVER_RESULT "
+
+
+def abstract(tree: Any, dtype: Any = None) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
+
+
+def lever_child(args: argparse.Namespace) -> None:
+    """One lever's step: compiled (from shapes alone unless timed), its XLA memory printed
+    as one JSON line."""
+    import json
+
+    _, lever = LEVERS[args.lever]
+    timed = bool(args.time_levers)  # the parent passes it to the levers it times
+    dtype = jnp.dtype(lever.get("dtype", args.dtype))
+    frozen = build_frozen_model(args.size) if timed else template_model(args.size)
+    mapper_config = neti_mapper_config(frozen)
+    mapper = build_mapper("neti", mapper_config)
+    variables = init_mapper_variables(mapper, SEED)
+    prompts = synthetic_prompts(frozen.text_config)
+    statics = step_statics(frozen, mapper, mapper_config, args.batch, dtype)
+    remat = lever.get("remat", "none")  # as train.remat_policy: U-Net and text encoder
+    statics = dataclasses.replace(statics, unet=statics.unet.clone(remat_policy=remat),
+                                  text_encoder=statics.text_encoder.clone(remat_policy=remat))
+    data = concept_data(frozen, prompts, {k: v for k, v in variables.items() if k != "params"},
+                        20.0, args.resolution)
+    params = jax.tree.map(lambda x: jnp.asarray(x)[None], variables["params"])
+    optimizer = optax.adamw(**adamw_settings())
+    state = TrainState(step=jnp.int32(0), params=params,
+                       opt_state=jax.vmap(optimizer.init)(params))
+    if timed:
+        frozen_params = jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                                     (frozen.unet_params, frozen.text_params))
+        result = measure_ours(statics, params, data, frozen_params, args.steps, args.warmup)
+    else:
+        step_fn = jax.jit(functools.partial(train_step, optimizer=optimizer, statics=statics),
+                          donate_argnums=(0,))
+        frozen_shapes = abstract((frozen.unet_params, frozen.text_params), dtype)
+        compiled, compile_s = compile_timed(step_fn, state, data, frozen_shapes,
+                                            ddpm_schedule(SchedulerConfig()))
+        result = {"seconds": None, "compile_s": compile_s,
+                  "memory": memory_analysis_bytes(compiled),
+                  "arguments": argument_bytes(compiled),
+                  "temporaries": temporary_bytes(compiled)}
+    print(LEVER_MARK + json.dumps({key: result[key] for key in (
+        "seconds", "compile_s", "memory", "arguments", "temporaries")}), flush=True)
+
+
+def template_model(size: str) -> FrozenModel:
+    """The frozen model as shapes only (a lever compiled, not run, needs no weights)."""
+    unet_dict, text_dict, vae_dict = CONFIGS[size]
+    unet_config = UNetConfig.from_dict(unet_dict)
+    text_config = CLIPTextConfig.from_dict(text_dict)
+    side = unet_config.sample_size
+    unet_template = param_template(
+        UNet2DConditionModel(unet_config),
+        jax.ShapeDtypeStruct((1, side, side, unet_config.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 1, unet_config.cross_attention_dim), jnp.float32))
+    return FrozenModel(unet_config, text_config, VAEConfig.from_dict(vae_dict),
+                       unet_params=unet_template,
+                       text_params=clip_text_param_template(text_config), vae_params=None)
+
+
+def measure_levers(args: argparse.Namespace) -> list[tuple[str, Optional[dict]]]:
+    """Each lever's step in a child process (`--lever NAME`); (name, result or None)."""
+    import json
+    import re
+    import subprocess
+
+    from spacetime_jax.training.compiler import SCHEDULER_FLAG
+
+    timed = set(LEVERS) if args.time_levers == "all" else set(filter(None,
+                                                                      args.time_levers.split(",")))
+    if timed - set(LEVERS):
+        raise SystemExit(f"--time-levers: unknown {sorted(timed - set(LEVERS))}; use "
+                         f"{', '.join(LEVERS)} or all")
+    results = []
+    for short, (name, lever) in LEVERS.items():
+        if short in CPU_ONLY_LEVERS and jax.default_backend() != "cpu":
+            continue
+        env = dict(os.environ)
+        flags = re.sub(rf"{SCHEDULER_FLAG}=\S+", "", env.get("XLA_FLAGS", ""))
+        if lever.get("scheduler") == "concurrency":
+            flags += f" {SCHEDULER_FLAG}=true"
+        env["XLA_FLAGS"] = flags.strip()
+        command = [sys.executable, "-m", "benchmarks.neti_step", "--lever", short,
+                   "--size", args.size, "--resolution", str(args.resolution),
+                   "--batch", str(args.batch), "--dtype", args.dtype,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if short in timed:
+            command += ["--time-levers", short]
+        print(f"lever: {name}", flush=True)
+        run = subprocess.run(command, env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        lines = [line for line in run.stdout.splitlines() if line.startswith(LEVER_MARK)]
+        if run.returncode or not lines:
+            print(f"  failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
+            results.append((name, None))
+        else:
+            results.append((name, json.loads(lines[-1][len(LEVER_MARK):])))
+    return results
+
+
+def print_levers(levers: list[tuple[str, Optional[dict]]], reference: Optional[dict]) -> None:
+    mb = lambda n: format_or_na(ratio_or_none(n, 2**20), ",.0f")
+    reference_memory = reference and reference["memory"]
+    rows = []
+    for name, result in levers:
+        if result is None:
+            rows.append([name] + ["failed"] * 5)
+            continue
+        seconds = result["seconds"]
+        rows.append([name, mb(result["arguments"]), mb(result["temporaries"]),
+                     mb(result["memory"]),
+                     format_or_na(ratio_or_none(result["memory"], reference_memory), ".2f"),
+                     format_or_na(seconds and seconds * 1e3, ".1f")])
+    print("memory levers (XLA memory_analysis of the compiled step, each in its own process;"
+          " ms/step where --time-levers ran it):")
+    print(format_table(["lever", "arguments MB", "temporaries MB", "peak MB",
+                        "/ reference", "ms/step"], rows))
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -530,6 +680,9 @@ def print_report(args, frozen: FrozenModel, mapper_params: int, mapper_config: M
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.lever:
+        lever_child(args)
+        return
     dtype = jnp.dtype(args.dtype)
     peak, peak_side = matmul_peak_flops(dtype=dtype)
 
@@ -574,6 +727,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                       args.warmup)
     print_report(args, report_model, count_params(variables["params"]), mapper_config, peak,
                  peak_side, ours, reference)
+    if not args.no_levers:
+        del frozen_params, data, params  # the children need the memory
+        print()
+        print_levers(measure_levers(args), reference)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,15 @@ def get_config(arg: str = "sd15") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
-    # Activation checkpointing of the frozen U-Net's ResNet and transformer blocks, for
-    # batches or resolutions that do not fit: none | full | dots | dots_saveable
-    # (spacetime_jax/training/remat.py). The results are the same; the memory is not.
+    # Activation checkpointing of the frozen U-Net's ResNet and transformer blocks and of the
+    # text encoder's layers, for batches or resolutions that do not fit: none | full | dots |
+    # dots_saveable (spacetime_jax/training/remat.py). The results are the same; the memory
+    # is not (benchmarks/neti_step.py measures each).
     c.train.remat_policy = "none"
+    # Concepts per device whose gradients one pass of the step computes at once; the step
+    # makes as many passes as it needs (the result is the same). 0: auto (2 on a CPU, where a
+    # bigger working set spills the caches; all at once on GPUs and TPUs); -1: all at once.
+    c.train.concepts_per_pass = 0
 
     c.validation = ml_collections.ConfigDict()
     c.validation.every = 250  # 0: never

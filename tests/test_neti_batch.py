@@ -7,7 +7,8 @@ on a mesh runs in child processes with 8 CPU devices, started together when the 
 - `python -m tests.test_neti_batch OUT`: Sessions built and stepped in process, as the job
   steps them. K = 8, 4 and 3 concepts on the mesh concept=8 (4 and 3 padded to 8) and each
   concept alone on one device; a padded batch saved, restored and stepped on; the layout of
-  every leaf for K = 8, K = 3 (concept=8) and K = 1 (data=8). It pickles what it saw and the
+  every leaf for K = 8, K = 3 (concept=8) and K = 1 (data=8); 7 concepts on concept=4 in two
+  passes of one concept per device (train.concepts_per_pass=1). It pickles what it saw and the
   tests here assert on it. The padded runs share the K = 8 run's compiled step (same shapes:
   their text encoder knows all 8 placeholders), the single runs one step between them.
 - The CLI on the same 8 concepts, once the child has compiled their step into the shared
@@ -248,12 +249,20 @@ def eight_device_child(out: Path) -> None:
     layouts = {name: _session_layout(session)
                for name, session in (("K8", batches[8]), ("K3", batches[3]), ("K1", k1))}
 
+    # 7 concepts on 4 devices, one concept per device at a time: padded to 8, 2 passes.
+    passes_mesh = make_mesh({"concept": 4, "data": 1, "model": 1}, jax.devices()[:4])
+    in_passes = build_session(batch_config(**CLI_RUN, **{"train.concepts_per_pass": 1}), sd,
+                              text_all, specs[:7], passes_mesh, work)
+
     single_step = compile_for(singles[0])
     results = {
         "layouts": layouts,
         "batches": {8: _train(batches[8], batch_step, CLI_STEPS),
                     4: _train(batches[4], batch_step, COMPARE_AT),
-                    3: _train(batches[3], batch_step, COMPARE_AT, out / "resumed")},
+                    3: _train(batches[3], batch_step, COMPARE_AT, out / "resumed"),
+                    "passes": {"passes": in_passes.statics.concept_passes,
+                               "mesh": dict(passes_mesh.shape),
+                               **_train(in_passes, compile_for(in_passes), COMPARE_AT)}},
         "singles": [_train(s, single_step, COMPARE_AT) for s in singles],
         "non_finite": _step_with_a_non_finite_concept(batches[8], batch_step, NAN_CONCEPT)}
     with (out / "results.pkl").open("wb") as f:
@@ -517,6 +526,36 @@ def test_a_bad_manifest_is_refused_with_its_line_or_concept(tmp_path, manifest, 
     assert message.format(dir=tmp_path) in str(error.value)
 
 
+@pytest.mark.parametrize("value, backend, resolved", [
+    (0, "cpu", 2), (0, "gpu", -1), (0, "tpu", -1), (-1, "cpu", -1), (3, "gpu", 3)])
+def test_concepts_per_pass_auto_is_two_on_a_cpu_and_all_at_once_elsewhere(value, backend,
+                                                                           resolved):
+    from spacetime_jax.neti.batch import concepts_per_pass
+    assert concepts_per_pass(value, backend) == resolved
+
+
+@pytest.mark.parametrize("value", [-2, 1.5, True])
+def test_an_unusable_concepts_per_pass_is_named(value):
+    from spacetime_jax.errors import UserError
+    from spacetime_jax.neti.batch import concepts_per_pass
+    with pytest.raises(UserError, match=r"train.concepts_per_pass=.*: it takes a whole number"):
+        concepts_per_pass(value, "cpu")
+
+
+@pytest.mark.parametrize("k, concept_axis, per_pass, passes, padded", [
+    (8, 1, 4, 2, 8), (8, 1, -1, 1, 8), (4, 1, 4, 1, 4), (5, 1, 4, 2, 6), (7, 4, 1, 2, 8),
+    (3, 8, 4, 1, 8), (9, 2, 2, 3, 12)])
+def test_passes_split_each_devices_concepts_evenly(k, concept_axis, per_pass, passes, padded):
+    from types import SimpleNamespace
+
+    from spacetime_jax.neti.batch import concept_passes, padded_count
+    mesh = SimpleNamespace(shape={"concept": concept_axis})
+    assert concept_passes(k, mesh, per_pass) == passes
+    assert padded_count(k, mesh, passes) == padded
+    per_device = padded // concept_axis
+    assert per_device % passes == 0 and per_device // passes <= max(per_pass, per_device)
+
+
 def test_a_missing_or_empty_concept_set_is_refused(tmp_path):
     from spacetime_jax.errors import UserError
     from spacetime_jax.neti.batch import read_concept_set
@@ -633,6 +672,19 @@ def test_three_concepts_padded_to_eight_leave_no_trace(results):
     assert run["restored_step"] == RESUME_AT
     for path, leaf in run["params_at"][COMPARE_AT].items():
         np.testing.assert_array_equal(run["resumed_params"][path][:3], leaf[:3], err_msg=path)
+
+
+def test_concepts_learned_in_passes_learn_what_each_learns_alone(results):
+    # train.concepts_per_pass=1 on 4 devices: 7 concepts padded to 8, two passes of one
+    # concept per device; each pass is a vmapped group under a lax.map.
+    run = results["batches"]["passes"]
+    assert run["passes"] == 2 and run["mesh"] == {"concept": 4, "data": 1, "model": 1}
+    np.testing.assert_array_equal(run["real"], [True] * 7 + [False])
+    for index in range(7):
+        assert run["names"][index] == CONCEPT_NAMES[index]
+        assert_same_concept(run, index, results["singles"][index])
+    assert run["losses"].shape == (COMPARE_AT, 7)  # the step reports the real concepts only
+    assert run["padding_moved"] == 0.0
 
 
 # --- Preemption and resume on the command line.

@@ -110,6 +110,40 @@ def test_unknown_remat_policy_is_named(tiny_unet):
                        tiny_unet["contexts"])
 
 
+# ----------------------------------------------------------------------- text encoder remat
+
+def text_output_and_grads(policy: str):
+    """The tiny CLIP text encoder's output and its gradient with respect to the input token
+    embeddings (what NeTI's mapper output reaches) under `policy`."""
+    from spacetime_jax.models.clip_text import (CLIPTextConfig, CLIPTextTransformer,
+                                                clip_text_param_template)
+    from spacetime_jax.models.tiny_configs import TINY_CLIP_TEXT
+    config = CLIPTextConfig.from_dict(TINY_CLIP_TEXT)
+    rng = np.random.RandomState(2)
+    params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.randn(*x.shape), jnp.float32),
+                          clip_text_param_template(config))
+    embeds = rng.randn(3, 9, config.hidden_size).astype(np.float32)
+    weights = rng.randn(3, 9, config.hidden_size).astype(np.float32)
+    model = CLIPTextTransformer(config, remat_policy=policy)
+
+    def loss(embeds):
+        out = model.apply({"params": params}, inputs_embeds=embeds).last_hidden_state
+        return jnp.sum(out * weights), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(embeds)
+    return np.asarray(out), np.asarray(grads)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_text_encoder_gives_the_plain_outputs_and_gradients(policy):
+    plain_out, plain_grads = text_output_and_grads("none")
+    out, grads = text_output_and_grads(policy)
+    assert np.abs(plain_grads).max() > 0.1
+    np.testing.assert_allclose(out, plain_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads, plain_grads, rtol=0,
+                               atol=1e-5 * np.abs(plain_grads).max())
+
+
 # ----------------------------------------------------------------------------- NeTI steps
 
 def tiny_config(**overrides):
@@ -221,8 +255,13 @@ def test_remat_policy_reaches_the_neti_step(toy):
     for policy in ("none", "full"):
         session = toy_session(toy, jnp.float32, **{"train.remat_policy": policy})
         assert session.statics.unet.remat_policy == policy
+        assert session.statics.text_encoder.remat_policy == policy
         traced = session.step_fn().trace(session.initial_state, session.data, session.frozen,
                                          session.schedule)
         counts[policy] = len(primitive_input_dtypes(traced.jaxpr.jaxpr, REMAT_PRIMITIVE))
-    # 22 ResNet and 16 transformer blocks, rematerialized in the backward pass.
-    assert counts["none"] == 0 and counts["full"] >= 38
+    # Under any policy each attention core recomputes its probabilities (16 transformer
+    # blocks x self and cross attention, and each text layer's): remat by design.
+    text_layers = session.statics.text_encoder.config.num_hidden_layers
+    assert counts["none"] >= 32 + text_layers
+    # "full" adds 22 ResNet and 16 transformer blocks and the text encoder's layers.
+    assert counts["full"] >= counts["none"] + 38 + text_layers

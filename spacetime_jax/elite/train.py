@@ -260,10 +260,13 @@ def build_session(config, model: EliteModel, mesh) -> Session:
         params=sharding.tree_shardings(state.params, mesh, trainable_rules),
         opt_state=sharding.tree_shardings(state.opt_state, mesh, trainable_rules))
     batch_sharding = NamedSharding(mesh, P(None, "data"))
-    # Remat trades recompute for activation memory in the backward pass (same results).
-    unet = sd.unet.clone(remat_policy=check_remat_policy(t.remat_policy, "train.remat_policy"))
+    # Remat trades recompute for activation memory in the backward pass (same results), in
+    # the U-Net's blocks and the text encoder's layers.
+    remat_policy = check_remat_policy(t.remat_policy, "train.remat_policy")
+    unet = sd.unet.clone(remat_policy=remat_policy)
     statics = StepStatics(
-        stage=config.stage, unet=unet, text_encoder=model.text.text_encoder,
+        stage=config.stage, unet=unet,
+        text_encoder=model.text.text_encoder.clone(remat_policy=remat_policy),
         vision=model.vision, vae=sd.vae, global_mapper=model.global_mapper,
         local_mapper=model.local_mapper if local else None,
         feature_layers=tuple(model.encoder_config.feature_layers), patch_grid=model.patch_grid,

@@ -97,6 +97,14 @@ def apply_probabilities(probs: jax.Array, v: jax.Array) -> jax.Array:
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False
                   ) -> jax.Array:
+    return _xla_attention(q, k, v, upcast)
+
+
+# A backward pass keeps q, k and v and recomputes the (B, N, Tq, Tk) probabilities, as the
+# fused kernels do: kept, they were the biggest activations of SD's first U-Net level (32 MB
+# per self-attention layer at 256 px, batch 1, fp32). A forward pass is unchanged.
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, upcast: bool) -> jax.Array:
     if upcast:
         dtype = q.dtype
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))

@@ -16,6 +16,7 @@ SD 2.x alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from spacetime_jax.models import convert
 from spacetime_jax.models.config_utils import UnsupportedArchitectureError
+from spacetime_jax.training.remat import remat_module
 
 Dtype = Any
 
@@ -111,7 +113,12 @@ class CLIPAttention(nn.Module):
         split = lambda h: h.reshape(h.shape[:-1] + (self.heads, width // self.heads))
         dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
         q, k, v = (split(dense(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        # A backward pass keeps q, k and v and recomputes the probabilities: NeTI's step runs
+        # this encoder over 16 x B rows, and their (rows, heads, 77, 77) probabilities were
+        # most of its memory on the toy model. A forward pass is unchanged.
+        attend = jax.checkpoint(functools.partial(jax.nn.dot_product_attention,
+                                                  is_causal=causal))
+        out = attend(q, k, v)
         return dense("out_proj")(out.reshape(x.shape))
 
 
@@ -146,20 +153,23 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPEncoder(nn.Module):
     """The layer stack; returns (last output, every hidden state) where the hidden states
-    are transformers' tuple: the encoder input first, then each layer's output."""
+    are transformers' tuple: the encoder input first, then each layer's output. Each layer
+    is rematerialized under `remat_policy` (spacetime_jax/training/remat.py)."""
     num_layers: int
     heads: int
     intermediate_size: int
     hidden_act: str
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         hidden_states = [x]
+        layer = remat_module(CLIPEncoderLayer, self.remat_policy, static_argnums=(2,))
         for i in range(self.num_layers):
-            x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act,
-                                 self.layer_norm_eps, self.dtype, name=f"layers_{i}")(x, causal)
+            x = layer(self.heads, self.intermediate_size, self.hidden_act,
+                      self.layer_norm_eps, self.dtype, name=f"layers_{i}")(x, causal)
             hidden_states.append(x)
         return x, tuple(hidden_states)
 
@@ -219,6 +229,9 @@ class CLIPTextTransformer(nn.Module):
     """
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    # Activation checkpointing of each encoder layer in a backward pass (NeTI's step runs
+    # the encoder over 16 x B rows): "none" | "full" | "dots" | "dots_saveable".
+    remat_policy: str = "none"
 
     def setup(self):
         c = self.config
@@ -226,7 +239,7 @@ class CLIPTextTransformer(nn.Module):
                                              c.hidden_size, self.dtype)
         self.encoder = CLIPEncoder(c.num_hidden_layers, c.num_attention_heads,
                                    c.intermediate_size, c.hidden_act, c.layer_norm_eps,
-                                   self.dtype)
+                                   self.dtype, self.remat_policy)
         self.final_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:

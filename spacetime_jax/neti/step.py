@@ -4,7 +4,9 @@ Every concept-indexed array carries a leading concept axis K (K = 1 for a single
 same code path). The per-concept loss is vmapped over K with `spmd_axis_name="concept"`, so on
 a mesh the K concepts spread over the `concept` axis and each concept's batch over `data`. K
 may include padding rows (K rounded up to a multiple of the mesh's concept axis): `real` marks
-them, and they neither learn nor report a loss. Gradient accumulation is a `lax.scan` over
+them, and they neither learn nor report a loss. With `concept_passes` P > 1 the gradients of
+the K concepts are computed in P passes of K / P (a `lax.map` over vmapped groups): the same
+result, a P times smaller working set. Gradient accumulation is a `lax.scan` over
 micro-batches inside the step. Everything random in a step (images, flips, prompts, latents,
 noise, timesteps, nested dropout) comes from fold_in(key(concept seed), step): a concept's run
 does not depend on its batch-mates, and a resumed run draws what an uninterrupted one would.
@@ -69,6 +71,7 @@ class StepStatics:
     grad_accum: int
     num_train_timesteps: int
     batch_sharding: Optional[NamedSharding] = None  # (B, ...) over `data`, inside the vmap
+    concept_passes: int = 1  # gradients of K / concept_passes concepts at a time
 
 
 def _constrain_batch(x: jax.Array, statics: StepStatics) -> jax.Array:
@@ -143,6 +146,45 @@ def concept_grads(params, frozen, schedule, data: ConceptData, step_rng, statics
     return loss * scale, jax.tree.map(lambda g: g * scale, grads)
 
 
+def all_concept_grads(params, frozen, schedule, data: ConceptData, rngs: jax.Array,
+                      statics: StepStatics):
+    """(K,) losses and gradients of every concept, in `statics.concept_passes` passes.
+
+    Pass p takes concepts p, P + p, 2P + p, ...: on a mesh whose `concept` axis splits K in
+    contiguous blocks, every device then has K / (P x devices) concepts in each pass. Why
+    passes: on a CPU the step's working set grows with K until it no longer fits the caches,
+    and K = 8 at once ran slower per concept than K = 1 (benchmarks/batch_concepts.py)."""
+    per_concept = jax.vmap(concept_grads, in_axes=(0, None, None, 0, 0, None),
+                           spmd_axis_name=_concept_axis(statics))
+    passes = statics.concept_passes
+    if passes == 1:
+        return per_concept(params, frozen, schedule, data, rngs, statics)
+    count = rngs.shape[0]
+    if count % passes:
+        raise ValueError(f"{count} concept rows do not split into {passes} passes")
+
+    def constrain(x, spec):
+        if statics.batch_sharding is None:
+            return x
+        spec = P(*spec, *([None] * (x.ndim - len(spec))))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(statics.batch_sharding.mesh, spec))
+
+    def to_passes(x):  # (K, ...) -> (P, K / P, ...), row k = g * P + p at [p, g]
+        x = jnp.swapaxes(x.reshape(count // passes, passes, *x.shape[1:]), 0, 1)
+        return constrain(x, (None, "concept"))
+
+    def from_passes(x):
+        return constrain(jnp.swapaxes(x, 0, 1).reshape(count, *x.shape[2:]), ("concept",))
+
+    def one_pass(group):
+        group_params, group_data, group_rngs = group
+        return per_concept(group_params, frozen, schedule, group_data, group_rngs, statics)
+
+    grouped = jax.lax.map(one_pass, jax.tree.map(to_passes, (params, data, rngs)))
+    return jax.tree.map(from_passes, grouped)
+
+
 def step_rngs(seeds: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
 
@@ -166,9 +208,7 @@ def train_step(state: TrainState, data: ConceptData, frozen, schedule: DDPMSched
     loss or gradient is not finite keeps its params and optimizer state and reports NaN
     (training/guard.py); the others step on."""
     rngs = step_rngs(data.seeds, state.step)
-    per_concept = jax.vmap(concept_grads, in_axes=(0, None, None, 0, 0, None),
-                           spmd_axis_name=_concept_axis(statics))
-    losses, grads = per_concept(state.params, frozen, schedule, data, rngs, statics)
+    losses, grads = all_concept_grads(state.params, frozen, schedule, data, rngs, statics)
     updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jax.vmap(all_finite)(losses, grads)

@@ -34,7 +34,8 @@ from spacetime_jax.models.pretrained import (load_model_tokenizer, load_stable_d
 from spacetime_jax.models.tokenizer import (check_prompt_length, find_token_positions, tokenize,
                                             warn_unknown_words)
 from spacetime_jax.neti.batch import (ConceptSpec, check_images, check_tokens,
-                                      concept_name, folder_placeholder, pad_rows, padded_count,
+                                      concept_name, concept_passes, concepts_per_pass,
+                                      folder_placeholder, pad_rows, padded_count,
                                       read_concept_set, real_rows, resize_rows)
 from spacetime_jax.neti.concept import Concept, prepare_text_encoder, save_concept
 from spacetime_jax.neti.mapper import MapperConfig, build_mapper, init_mapper_variables
@@ -57,7 +58,8 @@ from spacetime_jax.visualize import image_grid, save_png
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 # Keys a resumed run may change without a new workdir. The mesh and the processes may change
 # too: the loop then checks that the batch and learning rate stay (parallel.mesh.topology).
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy", "attention",
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.remat_policy",
+                  "train.concepts_per_pass", "attention",
                   "validation", "mesh", "distributed")
 NONFINITE_HINT = "Lower train.learning_rate or check the images"
 
@@ -280,7 +282,8 @@ def build_session(config, sd, text, specs, mesh, workdir: PathLike) -> Session:
                               init_embedding=super_embeddings[placeholder_ids[index]])
         mappers.append(mapper)
         variables.append(init_mapper_variables(mapper, jax.random.key(seeds[index])))
-    count = padded_count(len(specs), mesh)
+    passes = step_passes(config, len(specs), mesh)
+    count = padded_count(len(specs), mesh, passes)
     stacked_variables = pad_rows(jax.tree.map(lambda *xs: np.stack(xs), *variables), count)
     data = build_concept_data(specs, sd, text.tokenizer, placeholder_ids, target_norms,
                               stacked_variables, workdir, config.data.resolution, seeds, count,
@@ -300,10 +303,13 @@ def build_session(config, sd, text, specs, mesh, workdir: PathLike) -> Session:
     frozen_shardings = (sharding.tree_shardings(sd.unet_params, mesh, unet_rules),
                         sharding.tree_shardings(text.text_params, mesh, sharding.REPLICATED))
 
-    # Remat trades recompute for activation memory in the backward pass; the loaded U-Net
-    # (its dtype, its params) is otherwise the one the step runs.
-    unet = sd.unet.clone(remat_policy=check_remat_policy(t.remat_policy, "train.remat_policy"))
-    statics = StepStatics(unet=unet, text_encoder=text.text_encoder, mapper=mappers[0],
+    # Remat trades recompute for activation memory in the backward pass, in the U-Net's
+    # blocks and the text encoder's layers; the loaded modules (dtype, params) are otherwise
+    # the ones the step runs.
+    remat_policy = check_remat_policy(t.remat_policy, "train.remat_policy")
+    unet = sd.unet.clone(remat_policy=remat_policy)
+    text_encoder = text.text_encoder.clone(remat_policy=remat_policy)
+    statics = StepStatics(unet=unet, text_encoder=text_encoder, mapper=mappers[0],
                           mapper_config=mapper_config,
                           prediction_type=sd.scheduler_config.prediction_type,
                           scaling_factor=sd.vae_config.scaling_factor,
@@ -311,7 +317,8 @@ def build_session(config, sd, text, specs, mesh, workdir: PathLike) -> Session:
                           grad_accum=t.grad_accum,
                           num_train_timesteps=sd.scheduler_config.num_train_timesteps,
                           batch_sharding=jax.sharding.NamedSharding(
-                              mesh, jax.sharding.PartitionSpec("data")))
+                              mesh, jax.sharding.PartitionSpec("data")),
+                          concept_passes=passes)
     concepts = [Concept(kind=config.mapper.kind, mapper_config=mapper_config, variables=None,
                         placeholder=s.placeholder, super_category=s.super_category,
                         target_norm=target_norms[i], base_model=config.model,
@@ -325,6 +332,12 @@ def build_session(config, sd, text, specs, mesh, workdir: PathLike) -> Session:
                    frozen_shardings=frozen_shardings,
                    checkpoint_shardings=concept_state_shardings(
                        real_shapes(state, len(specs)), mesh))
+
+
+def step_passes(config, num_concepts: int, mesh) -> int:
+    """Passes of the step over the concepts (train.concepts_per_pass on this backend)."""
+    per_pass = concepts_per_pass(config.train.concepts_per_pass, jax.default_backend())
+    return concept_passes(num_concepts, mesh, per_pass)
 
 
 def concept_state_shardings(state: TrainState, mesh) -> TrainState:
@@ -351,7 +364,8 @@ def run(config, workdir: str) -> None:
     check_remat_policy(config.train.remat_policy, "train.remat_policy")
     # Images and the workdir first: a typo there must not wait for the model to load. Each
     # process decodes the images it will train on; a bad one stops every process.
-    mine = concepts_of_this_process(len(specs), padded_count(len(specs), mesh), mesh)
+    count = padded_count(len(specs), mesh, step_passes(config, len(specs), mesh))
+    mine = concepts_of_this_process(len(specs), count, mesh)
     fail_together("concept images", lambda: check_images(
         [spec for index, spec in enumerate(specs) if index in mine], config.data.resolution))
     check_compatible(workdir, config_dict, RESUMABLE_KEYS)
@@ -391,7 +405,9 @@ def run(config, workdir: str) -> None:
     padding = session.padded_count - K
     lead_print(f"step compiled in {time.perf_counter() - compile_start:.1f} s; lr "
                f"{session.learning_rate:g}; {K} concept(s)"
-               f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}")
+               f"{f' (+{padding} padding)' if padding else ''} on mesh {dict(mesh.shape)}"
+               + (f", in {session.statics.concept_passes} passes"
+                  if session.statics.concept_passes > 1 else ""))
 
     # --- The loop (checkpoints, SIGTERM, non-finite stop, progress: training/loop.py).
     def step(state, _):
