@@ -167,9 +167,10 @@ class FrozenModel:
     vae_params: Any  # the reference's only: our step never runs the VAE
 
 
-def build_frozen_model(size: str) -> FrozenModel:
+def build_frozen_model(size: str, shapes_only: bool = False) -> FrozenModel:
     """Random params on the host (numpy): a jitted linen init of the SD 1.5 U-Net would take
-    many minutes to compile on a CPU."""
+    many minutes to compile on a CPU. `shapes_only`: ShapeDtypeStructs instead, and no VAE
+    (a step compiled, not run, needs no weights)."""
     unet_dict, text_dict, vae_dict = CONFIGS[size]
     unet_config = UNetConfig.from_dict(unet_dict)
     text_config = CLIPTextConfig.from_dict(text_dict)
@@ -180,13 +181,17 @@ def build_frozen_model(size: str) -> FrozenModel:
         jax.ShapeDtypeStruct((1, side, side, unet_config.in_channels), jnp.float32),
         jax.ShapeDtypeStruct((1,), jnp.float32),
         jax.ShapeDtypeStruct((1, 1, unet_config.cross_attention_dim), jnp.float32))
+    text_template = clip_text_param_template(text_config)
+    if shapes_only:
+        return FrozenModel(unet_config, text_config, vae_config, unet_params=unet_template,
+                           text_params=text_template, vae_params=None)
     pixels = 8 * vae_config.downsample_factor
     vae_template = param_template(
         AutoencoderKL(vae_config),
         jax.ShapeDtypeStruct((1, pixels, pixels, vae_config.in_channels), jnp.float32))
     return FrozenModel(unet_config, text_config, vae_config,
                        unet_params=host_init(unet_template, SEED),
-                       text_params=host_init(clip_text_param_template(text_config), SEED + 1),
+                       text_params=host_init(text_template, SEED + 1),
                        vae_params=host_init(vae_template, SEED + 2))
 
 
@@ -490,7 +495,7 @@ def lever_child(args: argparse.Namespace) -> None:
     _, lever = LEVERS[args.lever]
     timed = bool(args.time_levers)  # the parent passes it to the levers it times
     dtype = jnp.dtype(lever.get("dtype", args.dtype))
-    frozen = build_frozen_model(args.size) if timed else template_model(args.size)
+    frozen = build_frozen_model(args.size, shapes_only=not timed)
     mapper_config = neti_mapper_config(frozen)
     mapper = build_mapper("neti", mapper_config)
     variables = init_mapper_variables(mapper, SEED)
@@ -521,22 +526,6 @@ def lever_child(args: argparse.Namespace) -> None:
                   "temporaries": temporary_bytes(compiled)}
     print(LEVER_MARK + json.dumps({key: result[key] for key in (
         "seconds", "compile_s", "memory", "arguments", "temporaries")}), flush=True)
-
-
-def template_model(size: str) -> FrozenModel:
-    """The frozen model as shapes only (a lever compiled, not run, needs no weights)."""
-    unet_dict, text_dict, vae_dict = CONFIGS[size]
-    unet_config = UNetConfig.from_dict(unet_dict)
-    text_config = CLIPTextConfig.from_dict(text_dict)
-    side = unet_config.sample_size
-    unet_template = param_template(
-        UNet2DConditionModel(unet_config),
-        jax.ShapeDtypeStruct((1, side, side, unet_config.in_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1, unet_config.cross_attention_dim), jnp.float32))
-    return FrozenModel(unet_config, text_config, VAEConfig.from_dict(vae_dict),
-                       unet_params=unet_template,
-                       text_params=clip_text_param_template(text_config), vae_params=None)
 
 
 def measure_levers(args: argparse.Namespace) -> list[tuple[str, Optional[dict]]]:
