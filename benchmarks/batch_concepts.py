@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import (compile_timed, cost_analysis_flops, format_or_na, format_table,
-                               memory_analysis_bytes, temporary_bytes)
+                               memory_fields, ratio_or_none)
 from configs.neti import get_config
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
@@ -105,15 +105,11 @@ def measure(k: int, model: str, steps: int, super_category: str | None, folder: 
     return {"k": k, "mesh": dict(mesh.shape), "seconds": float(np.median(times)),
             "passes": session.statics.concept_passes, "padded": session.padded_count,
             "compile": compile_seconds, "flops": cost_analysis_flops(step),
-            "memory_mb": ratio_mb(memory_analysis_bytes(step)),
-            "temporaries_mb": ratio_mb(temporary_bytes(step)),
+            **{f"{name}_mb": ratio_or_none(value, 2**20)
+               for name, value in memory_fields(step).items()},
             "frozen_mb": per_device_bytes(session.frozen) / 2**20,
             "trainable_mb": per_device_bytes(state) / 2**20,
             "train_steps": config.train.steps}
-
-
-def ratio_mb(nbytes):
-    return None if nbytes is None else nbytes / 2**20
 
 
 def main() -> None:

@@ -91,9 +91,13 @@ def temporary_bytes(compiled: Any) -> Optional[int]:
     return None if stats is None else int(stats.temp_size_in_bytes)
 
 
-def argument_bytes(compiled: Any) -> Optional[int]:
+def memory_fields(compiled: Any) -> dict[str, Optional[int]]:
+    """{"memory": memory_analysis_bytes, "arguments": ..., "temporaries": ...} in bytes
+    (None where the backend gives none)."""
     stats = _memory_stats(compiled)
-    return None if stats is None else int(stats.argument_size_in_bytes)
+    return {"memory": memory_analysis_bytes(compiled),
+            "arguments": None if stats is None else int(stats.argument_size_in_bytes),
+            "temporaries": temporary_bytes(compiled)}
 
 
 def memory_parts(compiled: Any) -> Optional[str]:

@@ -57,10 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import (argument_bytes, compile_timed, cost_analysis_flops,
-                               device_description, format_or_na, format_table,
-                               matmul_peak_flops, median, memory_analysis_bytes, memory_parts,
-                               ratio_or_none, temporary_bytes, time_fn)
+from benchmarks.common import (compile_timed, cost_analysis_flops, device_description,
+                               format_or_na, format_table, matmul_peak_flops, median,
+                               memory_fields, memory_parts, ratio_or_none, time_fn)
 from benchmarks.unet_step import SD15_UNET
 from configs.neti import get_config
 from spacetime_jax.data.latents import LatentMoments
@@ -144,6 +143,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="PyTorch intra-op threads (default: every core); on a machine "
                              "shared with other jobs, 1 avoids threads waiting on each other")
     args = parser.parse_args(argv)
+    args.timed_levers = lever_names(args.time_levers, parser)
     if args.resolution is None:
         args.resolution = DEFAULT_RESOLUTION[args.size]
     if args.steps is None:
@@ -291,8 +291,7 @@ def measure_ours(statics: StepStatics, params: Any, data: ConceptData, frozen_pa
 
     times, losses = time_fn(one_step, steps=steps, warmup=warmup)
     return {"seconds": median(times), "compile_s": compile_s,
-            "flops": cost_analysis_flops(compiled), "memory": memory_analysis_bytes(compiled),
-            "arguments": argument_bytes(compiled), "temporaries": temporary_bytes(compiled),
+            "flops": cost_analysis_flops(compiled), **memory_fields(compiled),
             "memory_parts": memory_parts(compiled), "loss": float(np.mean(losses))}
 
 
@@ -483,6 +482,16 @@ CPU_ONLY_LEVERS = ("concurrency",)
 LEVER_MARK = "LEVER_RESULT "
 
 
+def lever_names(text: str, parser: argparse.ArgumentParser) -> set[str]:
+    """--time-levers' names ("all": every lever); an unknown one ends the run before any
+    work."""
+    names = set(LEVERS) if text == "all" else set(filter(None, text.split(",")))
+    if names - set(LEVERS):
+        parser.error(f"--time-levers: unknown {', '.join(sorted(names - set(LEVERS)))}; use "
+                     f"{', '.join(LEVERS)} or all")
+    return names
+
+
 def abstract(tree: Any, dtype: Any = None) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
 
@@ -520,10 +529,7 @@ def lever_child(args: argparse.Namespace) -> None:
         frozen_shapes = abstract((frozen.unet_params, frozen.text_params), dtype)
         compiled, compile_s = compile_timed(step_fn, state, data, frozen_shapes,
                                             ddpm_schedule(SchedulerConfig()))
-        result = {"seconds": None, "compile_s": compile_s,
-                  "memory": memory_analysis_bytes(compiled),
-                  "arguments": argument_bytes(compiled),
-                  "temporaries": temporary_bytes(compiled)}
+        result = {"seconds": None, "compile_s": compile_s, **memory_fields(compiled)}
     print(LEVER_MARK + json.dumps({key: result[key] for key in (
         "seconds", "compile_s", "memory", "arguments", "temporaries")}), flush=True)
 
@@ -536,11 +542,7 @@ def measure_levers(args: argparse.Namespace) -> list[tuple[str, Optional[dict]]]
 
     from spacetime_jax.training.compiler import SCHEDULER_FLAG
 
-    timed = set(LEVERS) if args.time_levers == "all" else set(filter(None,
-                                                                      args.time_levers.split(",")))
-    if timed - set(LEVERS):
-        raise SystemExit(f"--time-levers: unknown {sorted(timed - set(LEVERS))}; use "
-                         f"{', '.join(LEVERS)} or all")
+    timed = args.timed_levers
     results = []
     for short, (name, lever) in LEVERS.items():
         if short in CPU_ONLY_LEVERS and jax.default_backend() != "cpu":

@@ -380,6 +380,9 @@ BAD_TRAINING_INPUT = [
     pytest.param("good", {"attention": "flash"},
                  "attention='flash' is unknown; use one of auto, xla, cudnn, splash",
                  id="unknown-attention-kernel"),
+    pytest.param("good", {"train.concepts_per_pass": -2},
+                 "train.concepts_per_pass=-2: it takes a whole number >= 1, 0 (auto",
+                 id="concepts-per-pass"),
 ]
 
 
