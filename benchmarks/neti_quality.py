@@ -3,11 +3,13 @@
   nice -n 10 python benchmarks/neti_quality.py [--model builtin:toyworld] [--steps 100,250,500]
       [--out benchmarks/out/neti_quality] [--elite-global DIR] [--elite-local DIR] [--methods ...]
 
-The four held-out concepts of toyworld/concepts.py (a crescent, a blue-and-white striped arrow,
+The held-out concepts of toyworld/concepts.py (a crescent, a blue-and-white striped arrow,
 an orange bolt: shapes pretraining never drew; a red heart with white dots: a combination it
-never drew) get 5 photos each (seed 0) and a placeholder <name>, initialized from the nearest
-one-token world word (crescent: circle, arrow: triangle, bolt: star, polka_heart: heart). Each
-method learns all four at once, in one Session (a leading concept axis, K = 4) with the `tiny`
+never drew) and its four benchmark-only concepts (a green house, a purple tee, a white
+hourglass, a blue drop: shapes drawn nowhere else, reported apart, so that the table shows
+whether results carry over) get 5 photos each (seed 0) and a placeholder <name>, initialized
+from the nearest one-token world word (SUPER_CATEGORIES). Each method learns every concept
+at once, in one Session (a leading concept axis, K = 4) with the `tiny`
 config's settings (configs/neti.py: batch 2 x 2 accumulation, the same lr and seed), the same
 step budget for every method:
 
@@ -15,7 +17,11 @@ step budget for every method:
   neti_no_bypass     NeTI's space-time mapper without the textual bypass
   neti               NeTI (mapper and bypass); at the last milestone also sampled with the
                      nested-dropout truncation 8, 16, 32, 64, 128 (128 = hidden_width keeps
-                     every dimension: that row is the untruncated one)
+                     every dimension: that row is the untruncated one). It trains once per
+                     --curve-seeds seed (train.seed; default 0, 1, 2): its rows are the means
+                     over them, and the truncation curve is printed with each metric's spread
+                     over seeds (mean +- standard deviation) and plotted with every seed's
+                     curve
 
 At each milestone every concept is sampled with fixed seeds (the same for every method and
 milestone; 20 dpmpp_2m steps, guidance 4) from "a photo of a <name>" (plain) and from "a
@@ -113,8 +119,8 @@ from spacetime_jax.pipelines.text_to_image import text_to_image
 from spacetime_jax.plots import tradeoff_plot, write_png_bytes
 from spacetime_jax.toyworld import fidelity
 from spacetime_jax.toyworld.captions import background_phrase
-from spacetime_jax.toyworld.concepts import (HELD_OUT_CONCEPTS, render_concept_images,
-                                             write_concept_images)
+from spacetime_jax.toyworld.concepts import (BENCHMARK_CONCEPTS, HELD_OUT_CONCEPTS,
+                                             render_concept_images, write_concept_images)
 from spacetime_jax.toyworld.measure import measure_background_color, measure_object_color
 from spacetime_jax.toyworld.render import render
 from spacetime_jax.training.progress import METRICS_FILE
@@ -122,8 +128,12 @@ from spacetime_jax.toyworld.scene import Background
 from spacetime_jax.visualize import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
+CONCEPTS = {**HELD_OUT_CONCEPTS, **BENCHMARK_CONCEPTS}
+# The table's groups, each reported with its own means.
+GROUPS = {"held-out": tuple(HELD_OUT_CONCEPTS), "benchmark-only": tuple(BENCHMARK_CONCEPTS)}
 SUPER_CATEGORIES = {"crescent": "circle", "arrow": "triangle", "bolt": "star",
-                    "polka_heart": "heart"}
+                    "polka_heart": "heart", "house": "square", "tee": "cross",
+                    "hourglass": "triangle", "drop": "circle"}
 # Config overrides of each method (on top of configs/neti.py:tiny).
 METHODS = {"textual_inversion": {"mapper.kind": "textual_inversion"},
            "neti_no_bypass": {"mapper.use_bypass": False},
@@ -242,6 +252,16 @@ def mean_scores(per_concept: dict[str, dict[str, float]]) -> dict[str, float]:
     return {m: float(np.mean([s[m] for s in per_concept.values()])) for m in METRICS}
 
 
+def concept_groups(names: list[str]) -> dict[str, list[str]]:
+    """GROUPS restricted to `names` (in their order), empty groups left out."""
+    groups = {group: [n for n in names if n in members] for group, members in GROUPS.items()}
+    return {group: members for group, members in groups.items() if members}
+
+
+def group_means(row: dict, members: list[str]) -> dict[str, float]:
+    return mean_scores({n: row["per_concept"][n] for n in members})
+
+
 # ---------------------------------------------------------------------------------------
 # Setup.
 
@@ -268,9 +288,9 @@ def parse_super_categories(pairs: list[str]) -> dict[str, str]:
     chosen = dict(SUPER_CATEGORIES)
     for pair in pairs:
         name, _, word = pair.partition("=")
-        if name not in HELD_OUT_CONCEPTS or not word:
+        if name not in CONCEPTS or not word:
             raise UserError(f"--super-category {pair!r}: write CONCEPT=WORD with CONCEPT one of "
-                            f"{', '.join(HELD_OUT_CONCEPTS)}")
+                            f"{', '.join(CONCEPTS)}")
         chosen[name] = word
     return chosen
 
@@ -289,12 +309,17 @@ def check_super_categories(tokenizer, names: list[str], words: dict[str, str]) -
 
 
 def plot_tradeoff(path: Path, curve: list[tuple[str, float, float]],
-                  others: list[tuple[str, float, float]]) -> None:
-    """The fidelity-editability curve (labelled points joined in order) and other rows'
-    points, drawn with matplotlib (spacetime_jax/plots.py). x is a fraction: its whole range,
-    so that plots of different runs compare at a glance."""
+                  others: list[tuple[str, float, float]],
+                  seed_curves: list[list[tuple[float, float]]] = ()) -> None:
+    """The fidelity-editability curve (labelled points joined in order; the mean over seeds),
+    each seed's own curve (thin), and other rows' points, drawn with matplotlib
+    (spacetime_jax/plots.py). x is a fraction: its whole range, so that plots of different
+    runs compare at a glance."""
     write_png_bytes(path, tradeoff_plot(
-        curve, others, title="NeTI fidelity-editability over truncation",
+        curve, others, thin_curves=seed_curves,
+        title="NeTI fidelity-editability over truncation"
+              + (f" (mean of {len(seed_curves)} seeds; thin: each seed)"
+                 if len(seed_curves) > 1 else ""),
         x_label="prompt fidelity: background color right (edit prompts)",
         y_label="concept fidelity: CLIP similarity to the photos (edit prompts)"))
 
@@ -311,7 +336,7 @@ def sample_grid(path: Path, images: dict[str, np.ndarray], seeds_per_prompt: int
         edits = [seeds_per_prompt * (1 + i) for i in range(NUM_BACKGROUNDS)]
         rows.append(concept_images[list(range(seeds_per_prompt)) + edits])
         labels.append(f"<{name}>: plain x{seeds_per_prompt}, then on "
-                      + ", ".join(edit_backgrounds(HELD_OUT_CONCEPTS[name].colors)))
+                      + ", ".join(edit_backgrounds(CONCEPTS[name].colors)))
     save_grid(path, np.concatenate(rows), rows=len(rows), cols=len(rows[0]), row_labels=labels,
               title=f"{title}: plain seeds {seeds_text(seeds_per_prompt)}, then seed "
                     f"{SEED_OFFSET} on each edit background")
@@ -360,7 +385,7 @@ def reference_rows(setup: Setup, words: dict[str, str]) -> list[dict]:
     concept in the world's words, on the same prompts and seeds."""
     ceiling, super_word, in_words = {}, {}, {}
     for spec in setup.specs:
-        name, concept = spec.name, HELD_OUT_CONCEPTS[spec.name]
+        name, concept = spec.name, CONCEPTS[spec.name]
         p, reference = setup.prompts[name], setup.references[name]
         ceiling[name] = score(ceiling_renders(concept, p, setup.resolution), p, reference,
                               setup.embed)
@@ -374,20 +399,40 @@ def reference_rows(setup: Setup, words: dict[str, str]) -> list[dict]:
             make_row("in words", 0, None, in_words)]
 
 
+def seed_mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """One row per (steps, truncation) with each concept's scores averaged over the runs of
+    different seeds (the runs' rows are in the same order)."""
+    rows = []
+    for same in zip(*runs):
+        per_concept = {n: {m: float(np.mean([r["per_concept"][n][m] for r in same]))
+                           for m in METRICS} for n in same[0]["per_concept"]}
+        seconds = float(np.mean([r["seconds_per_concept"] for r in same]))
+        rows.append(make_row(same[0]["method"], same[0]["steps"], same[0]["truncation"],
+                             per_concept, seconds))
+    return rows
+
+
+def truncation_curves(runs: list[list[dict]], last: int) -> list[list[tuple[int, dict]]]:
+    """Per run, the (truncation, mean scores) of its rows at step `last` that name a
+    truncation, from the smallest index up."""
+    return [sorted((r["truncation"], r["mean"]) for r in rows
+                   if r["steps"] == last and r["truncation"] is not None) for rows in runs]
+
+
 def run_method(setup: Setup, method: str, model: str, milestones: list[int], workdir: Path,
-               log) -> tuple[list[dict], dict]:
-    """Trains every concept at once with `method` to each milestone and scores it there (NeTI
-    at the last milestone also per truncation). Returns the rows and, at the last milestone,
-    the images by truncation (None: untruncated) and concept."""
+               log, seed: int = 0) -> tuple[list[dict], dict]:
+    """Trains every concept at once with `method` (train.seed `seed`) to each milestone and
+    scores it there (NeTI at the last milestone also per truncation). Returns the rows and, at
+    the last milestone, the images by truncation (None: untruncated) and concept."""
     config = load_config({"model": model, "data.resolution": setup.resolution,
-                          **METHODS[method]})
+                          "train.seed": seed, **METHODS[method]})
     session = build_session(config, setup.sd, setup.text, setup.specs, setup.mesh, workdir)
     session.put()
     state = sharding.shard_put(session.initial_state, session.state_shardings)
     tic = time.perf_counter()
     step = session.step_fn().lower(state, session.data, session.frozen,
                                    session.schedule).compile()
-    log(f"{method}: step compiled in {time.perf_counter() - tic:.1f} s")
+    log(f"{method} (seed {seed}): step compiled in {time.perf_counter() - tic:.1f} s")
     width = session.mapper_config.hidden_width
     rows, last_images, train_seconds, done = [], {}, 0.0, 0
     for milestone in milestones:
@@ -423,7 +468,7 @@ def run_method(setup: Setup, method: str, model: str, milestones: list[int], wor
         if len(truncations) > 1 and width in TRUNCATIONS:
             rows.append(make_row(method, milestone, width, results[None], seconds))
         m = mean_scores(results[None])
-        log(f"{method} step {milestone}: loss {float(loss.mean()):.4f}, {seconds:.1f} s per "
+        log(f"{method} (seed {seed}) step {milestone}: loss {float(loss.mean()):.4f}, {seconds:.1f} s per "
             f"concept; scored in {time.perf_counter() - tic:.1f} s: clip_edit "
             f"{m['clip_edit']:.3f} shape_edit {m['shape_edit']:.3f} bg {m['bg']:.3f}")
     return rows, last_images
@@ -597,16 +642,17 @@ def print_report(rows: list[dict], names: list[str], milestones: list[int], args
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     # Sub-second times (an ELITE encoder pass) keep their significant digits.
     seconds = lambda v: fmt(v, ".1f" if v is None or v >= 0.1 else ".4f")
-    table = [[r["method"], fmt(r["steps"], "d"), fmt(r["truncation"], "d")]
-             + [f"{r['mean'][m]:.3f}" for m in METRICS]
-             + [seconds(r["seconds_per_concept"])] for r in rows]
-    print()
-    print(f"model {args.model}; {len(names)} held-out concepts ({', '.join(names)}); "
-          f"{(1 + NUM_BACKGROUNDS) * args.seeds_per_prompt} images per concept and row "
-          f"({args.seeds_per_prompt} seeds x 1 plain + {NUM_BACKGROUNDS} background prompts), "
-          f"{args.sample_steps} {args.sampler} steps, guidance {args.guidance}; means over "
-          "concepts")
-    print(format_table(["method", "steps", "trunc"] + list(METRICS) + ["s/concept"], table))
+    for group, members in concept_groups(names).items():
+        table = [[r["method"], fmt(r["steps"], "d"), fmt(r["truncation"], "d")]
+                 + [f"{v:.3f}" for v in group_means(r, members).values()]
+                 + [seconds(r["seconds_per_concept"])] for r in rows]
+        print()
+        print(f"model {args.model}; {group} concepts ({', '.join(members)}); "
+              f"{(1 + NUM_BACKGROUNDS) * args.seeds_per_prompt} images per concept and row "
+              f"({args.seeds_per_prompt} seeds x 1 plain + {NUM_BACKGROUNDS} background "
+              f"prompts), {args.sample_steps} {args.sampler} steps, guidance {args.guidance}; "
+              "means over these concepts")
+        print(format_table(["method", "steps", "trunc"] + list(METRICS) + ["s/concept"], table))
     print()
     print("per concept, clip_edit / shape_edit / color / bg"
           + (f" at step {milestones[-1]}:" if trained else " (no NeTI method trained):"))
@@ -618,18 +664,36 @@ def print_report(rows: list[dict], names: list[str], milestones: list[int], args
                                          for n in names] for r in shown]))
 
 
+def print_curve(curves: list[list[tuple[int, dict]]], seeds: list[int]) -> None:
+    """NeTI's truncation curve at the last milestone: each metric's mean +- standard
+    deviation over the seeds' runs (each run's value a mean over concepts)."""
+    if not curves or not curves[0]:
+        return
+    print()
+    print(f"NeTI truncation curve over seeds {', '.join(map(str, seeds))} (mean +- std of the "
+          "per-seed means over concepts):")
+    table = []
+    for i, (truncation, _) in enumerate(curves[0]):
+        values = {m: [run[i][1][m] for run in curves] for m in METRICS}
+        table.append([str(truncation)] + [f"{np.mean(v):.3f} +- {np.std(v):.3f}"
+                                          for v in values.values()])
+    print(format_table(["trunc"] + list(METRICS), table))
+
+
 def write_pictures(out: Path, rows: list[dict], images: dict, photos: dict,
                    milestones: list[int], seeds_per_prompt: int,
-                   elite_images: dict | None = None) -> None:
+                   elite_images: dict | None = None,
+                   seed_curves: list[list[tuple[int, dict]]] = ()) -> None:
     """The fidelity-editability plot, the photos, and sample grids at the last milestone."""
     last = milestones[-1]
     curve = [(f"t={r['truncation']}", r["mean"]["bg"], r["mean"]["clip_edit"])
              for r in rows if r["method"] == "neti" and r["truncation"] is not None]
+    thin = [[(m["bg"], m["clip_edit"]) for _, m in run] for run in seed_curves]
     others = [(r["method"], r["mean"]["bg"], r["mean"]["clip_edit"]) for r in rows
               if r["steps"] == 0 or (r["steps"] == last and r["truncation"] is None
                                      and r["method"] != "neti")]
     if curve:
-        plot_tradeoff(out / "fidelity_editability.png", curve, others)
+        plot_tradeoff(out / "fidelity_editability.png", curve, others, thin)
     save_grid(out / "photos.png", np.concatenate(list(photos.values())), rows=len(photos),
               cols=NUM_PHOTOS, row_labels=[f"<{n}> training photos" for n in photos],
               title="the training photos of each held-out concept (render seed 0)")
@@ -657,10 +721,13 @@ def main() -> None:
     parser.add_argument("--elite-local", default=None, metavar="DIR",
                         help="a stage-2 ELITE encoder folder: adds the elite_local_l0.6 and "
                              "elite_local_l1.0 rows")
-    parser.add_argument("--concepts", default=",".join(HELD_OUT_CONCEPTS))
+    parser.add_argument("--concepts", default=",".join(CONCEPTS))
     parser.add_argument("--super-category", action="append", default=[],
                         metavar="CONCEPT=WORD", help="override a concept's initializer word")
     parser.add_argument("--seeds-per-prompt", type=int, default=4)
+    parser.add_argument("--curve-seeds", default="0,1,2",
+                        help="train.seed of each NeTI run (its rows average over them, its "
+                             "truncation curve shows their spread)")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--sampler", default="dpmpp_2m")
@@ -685,11 +752,18 @@ def main() -> None:
         raise UserError(f"--methods {args.methods}: the ELITE rows need an encoder: pass "
                         "--elite-global DIR and/or --elite-local DIR")
     for name in names:
-        if name not in HELD_OUT_CONCEPTS:
+        if name not in CONCEPTS:
             raise UserError(f"--concepts: unknown concept {name!r}; known: "
-                            f"{', '.join(HELD_OUT_CONCEPTS)}")
+                            f"{', '.join(CONCEPTS)}")
     if args.seeds_per_prompt < 1:
         raise UserError("--seeds-per-prompt must be at least 1")
+    try:
+        curve_seeds = [int(x) for x in args.curve_seeds.split(",") if x.strip()]
+    except ValueError:
+        curve_seeds = []
+    if not curve_seeds or len(set(curve_seeds)) != len(curve_seeds) or min(curve_seeds) < 0:
+        raise UserError(f"--curve-seeds {args.curve_seeds!r}: give distinct seeds >= 0, such "
+                        "as 0,1,2")
     words = parse_super_categories(args.super_category)
     out = Path(args.out)
     start = time.perf_counter()
@@ -709,7 +783,7 @@ def main() -> None:
              for name in names]
     prompts, references, photos, elite_inputs = {}, {}, {}, {}
     for name in names:
-        concept = HELD_OUT_CONCEPTS[name]
+        concept = CONCEPTS[name]
         write_concept_images(concept, out / "photos" / name, NUM_PHOTOS, seed=0, size=resolution)
         photos[name] = np.stack(render_concept_images(concept, NUM_PHOTOS, seed=0,
                                                       size=resolution))
@@ -732,26 +806,41 @@ def main() -> None:
     log("references scored")
     elite_method_rows, elite_images = elite_rows(setup, encoders, elite_inputs, log)
     rows += elite_method_rows
-    images = {}
+    images, curves = {}, []
     # Latent caches in a fresh folder: a cache is keyed on the model's path, not its weights.
     with tempfile.TemporaryDirectory() as work:
         for method in methods:
-            method_rows, images[method] = run_method(setup, method, args.model, milestones,
-                                                     Path(work) / method, log)
-            rows += method_rows
+            seeds = curve_seeds if method == "neti" else [0]
+            runs = []
+            for seed in seeds:
+                seed_rows, seed_images = run_method(setup, method, args.model, milestones,
+                                                    Path(work) / f"{method}_seed{seed}", log,
+                                                    seed)
+                runs.append(seed_rows)
+                images.setdefault(method, seed_images)  # the first seed's pictures
+            rows += seed_mean_rows(runs)
+            if method == "neti":
+                curves = truncation_curves(runs, milestones[-1])
 
     print_report(rows, names, milestones, args, trained=bool(methods))
+    print_curve(curves, curve_seeds)
     for line in elite_notes(encoders):
         print(line)
-    write_pictures(out, rows, images, photos, milestones, args.seeds_per_prompt, elite_images)
+    write_pictures(out, rows, images, photos, milestones, args.seeds_per_prompt, elite_images,
+                   curves)
     (out / "results.json").write_text(json.dumps(dict(
         model=args.model, milestones=milestones, concepts=names,
+        group_means={group: [dict(method=r["method"], steps=r["steps"],
+                                  truncation=r["truncation"], mean=group_means(r, members))
+                             for r in rows]
+                     for group, members in concept_groups(names).items()},
         super_categories={n: words[n] for n in names}, seeds_per_prompt=args.seeds_per_prompt,
         sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
         prompts={n: dataclasses.asdict(p) for n, p in prompts.items()},
         elite_encoders={kind: dict(folder=str(e.folder), training_seconds=e.training)
                         for kind, e in encoders.items()},
-        elite_photo=ELITE_PHOTO, rows=rows),
+        elite_photo=ELITE_PHOTO, rows=rows, curve_seeds=curve_seeds,
+        truncation_curves=[[dict(truncation=t, mean=m) for t, m in run] for run in curves]),
         indent=1) + "\n")
     log(f"done; plot, sample grids and results.json in {out}")
 

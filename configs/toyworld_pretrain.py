@@ -16,6 +16,10 @@ full:  the shipped model (spacetime_jax/assets/toyworld, builtin:toyworld). 40k 
        [32, 64, 64, 64], 16 cross-attention layers (3.28M params, held-out noise loss 0.032).
        Measured on 2 CPU cores shared with other work: dataset 1 min, CLIP 7 min, VAE 12 min,
        latents + contexts 3 min, U-Net 42 min, export + validation 1 min: 1h05m in all.
+v2:    the toy world v2 candidate (not shipped; the README's toy-world section has its
+       numbers): the same data and CLIP; VAE [16, 32, 64], 3 blocks (factor 4: 64x64x3 <->
+       16x16x4, so that latents keep outlines), 4400 x 16 at 2e-3; U-Net at 16x16 latents,
+       4400 x 32, min-SNR-5 loss weighting. 1h13m on 2 idle CPU cores.
 smoke: a few hundred images and a few steps per stage at toy widths: a minute or two, mostly
        compilation; the end-to-end test runs it.
 
@@ -27,6 +31,8 @@ import ml_collections
 VARIANTS = {  # get_config's variants (the default first), one line each for --help
     "full": "the shipped model (builtin:toyworld): 40k images, CLIP, VAE and U-Net, about "
             "1 h on 2 CPU cores",
+    "v2": "the toy world v2 candidate (factor-4 VAE, 16x16 latents, min-SNR): 1h13m, not "
+          "shipped",
     "smoke": "a few hundred images and a few steps per stage, a minute or two",
 }
 
@@ -62,7 +68,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.clip.seed = 0
     c.clip.checkpoint_every = 200
 
-    # Stage 2: VAE (L1 + kl_weight * KL, both means; see toyworld/pretrain_vae.py).
+    # Stage 2: VAE (L1 + kl_weight * KL, both means; see toyworld/pretrain_vae.py). One block
+    # per width, each but the last halving the side.
     c.vae = ml_collections.ConfigDict()
     c.vae.channels = (8, 16, 32, 32)
     c.vae.layers_per_block = 2
@@ -89,6 +96,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.unet.weight_decay = 0.01
     c.unet.ema_decay = 0.999
     c.unet.caption_dropout = 0.1
+    c.unet.snr_gamma = 0.0  # min-SNR loss weighting (gamma); 0: the plain noise loss
     c.unet.seed = 0
     c.unet.checkpoint_every = 200
 
@@ -106,7 +114,17 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 4.0
     c.sample.sampler = "dpmpp_2m"
 
-    if arg == "smoke":
+    if arg == "v2":
+        # 3 widths make SD's 4 latent channels at a quarter of the image side: 16x16 latents
+        # keep the outlines that v1's 8x8 (an eighth) lost.
+        c.vae.channels = (16, 32, 64)
+        c.vae.layers_per_block = 1
+        c.vae.steps = 4400
+        c.vae.learning_rate = 2e-3
+        c.unet.batch_size = 32
+        c.unet.steps = 4400
+        c.unet.snr_gamma = 5.0
+    elif arg == "smoke":
         c.data.num_examples = 384
         c.data.processes = 1
         for stage in (c.clip, c.vae, c.unet):
@@ -128,7 +146,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.sample.seeds = (0, 1)
         c.sample.num_scored = 8
         c.sample.steps = 4
-    elif arg != "full":
+    elif arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r} of configs/toyworld_pretrain.py "
                          f"({', '.join(VARIANTS)})")
     c.lock()

@@ -91,11 +91,17 @@ def write_loss_plot(workdir: PathLike, records: Optional[Sequence[dict]] = None
 
 def tradeoff_plot(curve: Sequence[tuple[str, float, float]],
                   others: Sequence[tuple[str, float, float]], *, title: str, x_label: str,
-                  y_label: str, x_range: tuple[float, float] = (-0.05, 1.05)) -> bytes:
-    """PNG of a trade-off: the (label, x, y) points of `curve` joined in order, and `others`
-    as separate labelled squares. WIDTH_IN x TRADEOFF_HEIGHT_IN inches."""
+                  y_label: str, x_range: tuple[float, float] = (-0.05, 1.05),
+                  thin_curves: Sequence[Sequence[tuple[float, float]]] = ()) -> bytes:
+    """PNG of a trade-off: the (label, x, y) points of `curve` joined in order, `thin_curves`
+    ((x, y) points, e.g. each seed's run of a mean curve) as thin lines beneath it, and
+    `others` as separate labelled squares. WIDTH_IN x TRADEOFF_HEIGHT_IN inches."""
     figure = Figure(figsize=(WIDTH_IN, TRADEOFF_HEIGHT_IN), layout="constrained")
     ax = figure.subplots()
+    for points in thin_curves:
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, "-", color=CURVE_COLOR, linewidth=0.8, alpha=0.4)
     if curve:
         _, xs, ys = zip(*curve)
         ax.plot(xs, ys, "-o", color=CURVE_COLOR, linewidth=2, markersize=6)
@@ -109,7 +115,8 @@ def tradeoff_plot(curve: Sequence[tuple[str, float, float]],
         ax.annotate(label, (x, y), xytext=(7, -3), textcoords="offset points", ha="left",
                     va="top", color=OTHER_COLOR)
     ax.set_xlim(*x_range)
-    ys = [y for _, _, y in list(curve) + list(others)]
+    ys = ([y for _, _, y in list(curve) + list(others)]
+          + [y for points in thin_curves for _, y in points])
     if ys:
         spread = (max(ys) - min(ys)) or 0.01
         ax.set_ylim(min(ys) - 0.1 * spread, max(ys) + 0.1 * spread)

@@ -219,3 +219,17 @@ def test_unsupported_scheduler_settings_are_errors_naming_them(key, value):
     with pytest.raises(UnsupportedSchedulerError, match=f"{key}={value!r}"):
         SchedulerConfig.from_dict({**SD15_SCHEDULER_JSON, key: value})
     assert issubclass(UnsupportedSchedulerError, ValueError)
+
+
+def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma():
+    from spacetime_jax.diffusion.schedules import min_snr_weights
+    schedule = ddpm_schedule(SchedulerConfig())
+    t = jnp.array([0, 100, 400, 999])
+    alpha_bar = np.asarray(schedule.alphas_cumprod)[np.asarray(t)]
+    snr = alpha_bar / (1 - alpha_bar)
+    np.testing.assert_allclose(np.asarray(min_snr_weights(schedule, t, 5.0)),
+                               np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    # Early (low-noise) steps are weighted down, the noisiest keep weight 1.
+    weights = np.asarray(min_snr_weights(schedule, t, 5.0))
+    assert weights[0] < 0.01 and weights[-1] == 1.0
+    np.testing.assert_array_equal(np.asarray(min_snr_weights(schedule, t, 0.0)), np.ones(4))

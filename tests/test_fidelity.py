@@ -66,3 +66,33 @@ def test_mean_cosine_similarity_averages_over_references():
     references = np.array([[3.0, 0.0], [1.0, 1.0]])
     expected = [(1 + 2 ** -0.5) / 2, (0 + 2 ** -0.5) / 2]
     np.testing.assert_allclose(fidelity.mean_cosine_similarity(embeddings, references), expected)
+
+
+def test_shape_and_size_are_read_back_from_world_renders():
+    # Textured, rotated objects on patterned backgrounds: the reader's own ceiling.
+    from spacetime_jax.toyworld.world import generate
+    examples = generate(seed=5, n=120)
+    shapes = [fidelity.read_shape(image) for image in examples.images]
+    sizes = [fidelity.read_size(image, scene.shape)
+             for image, scene in zip(examples.images, examples.scenes)]
+    assert np.mean([s == scene.shape for s, scene in zip(shapes, examples.scenes)]) >= 0.93
+    assert np.mean([s == scene.size for s, scene in zip(sizes, examples.scenes)]) >= 0.95
+
+
+@pytest.mark.parametrize("shape", ["circle", "star", "cross", "heart", "ring"])
+def test_each_size_of_a_shape_reads_as_itself_and_no_object_reads_as_none(shape):
+    for size in ("small", "medium", "large"):
+        image, _ = render(_scene(shape=shape, size=size, position=(0.4, 0.6), rotation=10.0))
+        assert fidelity.read_shape(image) == shape
+        assert fidelity.read_size(image, shape) == size
+    blank = np.full((64, 64, 3), (30, 160, 50), np.uint8)
+    assert fidelity.read_shape(blank) is None and fidelity.read_size(blank, shape) is None
+
+
+def test_templates_cover_the_worlds_rotations_and_only_its_shapes():
+    templates = fidelity.shape_templates()
+    assert set(templates) == set(fidelity.SHAPES)
+    assert all(len(t) == len(fidelity.TEMPLATE_ROTATIONS) for t in templates.values())
+    # A crescent is none of them: it reads as its closest world shape, never as itself.
+    image, _ = render(_scene())
+    assert fidelity.read_shape(image) in fidelity.SHAPES

@@ -105,11 +105,29 @@ def test_pretraining_set_cache_round_trips_and_is_reused(tmp_path):
     assert arrays_path.is_file() and captions_path.is_file()
     assert not list(tmp_path.glob("*.partial"))
     again = toy_dataset.load_or_render(tmp_path, 20, seed=1, processes=1, log=lines.append)
-    assert "rendering" in lines[0] and "from the cache" in lines[1]
+    assert "rendering" in lines[0] and "rendered and cached in" in lines[1]
+    assert "from the cache" in lines[2]
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.masks, first.masks)
     assert again.captions == first.captions and again.masks.dtype == bool
     assert first.masks.any(axis=(1, 2)).all()  # every image shows its object
+
+
+def test_reconstruction_report_scores_outlines_and_finds_a_fixed_place_artifact():
+    from spacetime_jax.toyworld.pretrain_vae import hot_spot_ratio, reconstruction_report
+    examples = generate(seed=3, n=32)
+    perfect = reconstruction_report(examples.images, examples.masks, examples.images)
+    assert perfect["l1"] == 0.0 and perfect["silhouette_iou"] > 0.9
+    # A smear at one fixed place in every image: the outlines survive, the error map shows it.
+    smeared = examples.images.copy()
+    smeared[:, 8:16, 8:16] = 255 - smeared[:, 8:16, 8:16]
+    report = reconstruction_report(examples.images, examples.masks, smeared)
+    assert report["hot_spot_ratio"] > 10 and report["l1"] > 0
+    # An object blurred away reads back as no silhouette.
+    background_only = np.repeat(examples.images[:, :1, :1], 64, 1).repeat(64, 2)
+    assert reconstruction_report(examples.images, examples.masks,
+                                 background_only)["silhouette_iou"] < 0.1
+    assert hot_spot_ratio(np.ones((64, 64))) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,8 +221,12 @@ def test_validation_writes_a_grid_and_a_prompt_following_score(smoke):
     assert grid.size[0] == 2 * 128  # two seeds, tiles enlarged to 128 px
     validation = smoke["summary"]["validation"]
     assert validation["samples"] == 8 and validation["chance"] == 1 / 8
-    for key in ("background_color_accuracy", "object_color_accuracy"):
+    for key in ("background_color_accuracy", "object_color_accuracy", "shape_accuracy",
+                "size_accuracy"):
         assert 0.0 <= validation[key] <= 1.0
+    reconstruction = smoke["summary"]["stages"]["vae"]["heldout_reconstruction"]
+    assert 0.0 <= reconstruction["silhouette_iou"] <= 1.0
+    assert reconstruction["hot_spot_ratio"] >= 1.0
     assert "prompt following on 8 samples" in smoke["first"].stdout
 
 

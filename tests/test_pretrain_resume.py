@@ -60,14 +60,16 @@ def test_minibatches_from_a_start_continue_the_uninterrupted_order(start):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     images = np.random.default_rng(0).integers(0, 256, (IMAGES, 16, 16, 3), dtype=np.uint8)
+    masks = np.zeros(images.shape[:3], bool)
+    masks[:, 4:12, 4:12] = True
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    reference = train_vae(images, tiny_config(), straight, log=lambda line: None)
+    reference = train_vae(images, masks, tiny_config(), straight, log=lambda line: None)
     with pytest.raises(Killed):
-        train_vae(images, tiny_config(), resumed, log=killed_when_logging(KILLED_AT))
+        train_vae(images, masks, tiny_config(), resumed, log=killed_when_logging(KILLED_AT))
     saved_before_rerun = sorted(p.name for p in checkpoint_dir(resumed).iterdir())
     lines = []
-    result = train_vae(images, tiny_config(), resumed, log=lines.append)
-    return dict(images=images, straight=straight, resumed=resumed, reference=reference,
+    result = train_vae(images, masks, tiny_config(), resumed, log=lines.append)
+    return dict(images=images, masks=masks, straight=straight, resumed=resumed, reference=reference,
                 result=result, saved_before_rerun=saved_before_rerun, lines=lines)
 
 
@@ -92,5 +94,5 @@ def test_a_killed_stage_resumes_to_the_params_of_an_uninterrupted_run(runs):
 
 def test_another_config_on_a_checkpointed_workdir_is_refused(runs):
     with pytest.raises(UserError, match=r"differs in: vae\.learning_rate\)"):
-        train_vae(runs["images"], tiny_config(learning_rate=2e-3), runs["resumed"],
+        train_vae(runs["images"], runs["masks"], tiny_config(learning_rate=2e-3), runs["resumed"],
                   log=lambda line: None)

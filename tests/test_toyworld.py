@@ -135,7 +135,7 @@ def test_caption_words_are_in_the_world_vocabulary(examples):
                       for w in t.replace("{}", "").split()}
     assert caption_words | template_words <= set(vocabulary)
     assert set(tw.COLORS) | set(tw.SHAPES) <= caption_words  # all in use, none dead
-    assert not set(tw.HELD_OUT_SHAPES) & set(vocabulary)
+    assert not (set(tw.HELD_OUT_SHAPES) | set(tw.BENCHMARK_SHAPES)) & set(vocabulary)
 
 
 def test_pretraining_sampler_never_produces_held_out_concepts():
@@ -150,7 +150,7 @@ def test_pretraining_sampler_never_produces_held_out_concepts():
 
 def test_every_concept_is_held_out_and_keeps_its_identity():
     rng = np.random.default_rng(0)
-    for concept in tw.HELD_OUT_CONCEPTS.values():
+    for concept in [*tw.HELD_OUT_CONCEPTS.values(), *tw.BENCHMARK_CONCEPTS.values()]:
         scenes = [concept.scene(rng) for _ in range(20)]
         assert all(tw.is_held_out(s) for s in scenes)
         assert {(s.shape, s.color, s.texture, s.accent) for s in scenes} == {

@@ -149,6 +149,17 @@ def training_target(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: 
                                     f"(supported: {PREDICTION_TYPES})")
 
 
+def min_snr_weights(schedule: DDPMSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon prediction, shape (B,):
+    min(SNR(t), gamma) / SNR(t). Low-noise steps, whose epsilon is easy and whose gradients
+    fight those of high-noise steps, are weighted down; gamma <= 0 gives weight 1."""
+    if gamma <= 0:
+        return jnp.ones(t.shape, jnp.float32)
+    alpha_bar = schedule.alphas_cumprod[t]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:
     """Uniform integer timesteps in [0, num_train_timesteps), shape (batch,)."""
     return jax.random.randint(rng, (batch,), 0, num_train_timesteps)

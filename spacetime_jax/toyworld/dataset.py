@@ -12,6 +12,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,6 +108,8 @@ def load_or_render(folder: str | Path, num_examples: int, seed: int, size: int =
         return load_pretraining_set(arrays_path, captions_path)
     log(f"dataset: rendering {num_examples} examples of seed {seed} with {processes} "
         "processes")
+    start = time.perf_counter()
     data = render_pretraining_set(num_examples, seed, size, processes)
     save_pretraining_set(data, arrays_path, captions_path)
+    log(f"dataset: rendered and cached in {time.perf_counter() - start:.0f}s")
     return data

@@ -7,20 +7,30 @@ position and size do not count, only the outline. Two silhouettes compare by IoU
 shape similarity to a concept is its best IoU against the concept's photos (they vary in a
 small rotation; the best match forgives it). A picture without an object scores 0.
 
+Prompt following reads a shape and a size from a picture: the shape is the world shape whose
+template silhouettes (rendered over the world's rotations) best match the picture's, by IoU
+(chance 1/9); the size is the world size whose rendered area of the prompted shape is
+nearest, in log area, to the measured object's.
+
 Embeddings: the mean cosine similarity of a picture's embedding (e.g. CLIP's pooled image
 output) to the embeddings of the concept's photos.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from spacetime_jax.toyworld.measure import measure_background_color, nearest_color_labels
-from spacetime_jax.toyworld.scene import COLORS
+from spacetime_jax.toyworld.render import render_object
+from spacetime_jax.toyworld.scene import COLORS, SIZES, Background, Scene
+from spacetime_jax.toyworld.shapes import SHAPES
 
 SILHOUETTE_SIDE = 32
+TEMPLATE_ROTATIONS = tuple(range(-25, 26, 5))  # degrees: the world's rotations (world.py)
+TEMPLATE_IMAGE_SIDE = 128  # pixels the templates are rendered at: sharp outlines
 # Fewest object pixels (a fraction of the image) for a silhouette: measure.py's threshold.
 MIN_OBJECT_FRACTION = 0.005
 _NAMES = list(COLORS)
@@ -76,6 +86,47 @@ def shape_similarity(image: np.ndarray, references: list[np.ndarray]) -> float:
     if silhouette is None:
         return 0.0
     return max(silhouette_iou(silhouette, reference) for reference in references)
+
+
+def _object_alone(shape: str, size: str, rotation: float, side: int) -> np.ndarray:
+    scene = Scene(shape, "white", size, (0.5, 0.5), Background("plain", "black"),
+                  rotation=rotation)
+    return render_object(scene, side)[1]
+
+
+@functools.cache
+def shape_templates(shapes: tuple[str, ...] = tuple(SHAPES)) -> dict[str, tuple[np.ndarray, ...]]:
+    """Each shape's silhouettes over TEMPLATE_ROTATIONS (computed once)."""
+    return {shape: tuple(normalized_silhouette(_object_alone(shape, "large", rotation,
+                                                             TEMPLATE_IMAGE_SIDE))
+                         for rotation in TEMPLATE_ROTATIONS)
+            for shape in shapes}
+
+
+def read_shape(image: np.ndarray, shapes: tuple[str, ...] = tuple(SHAPES)) -> Optional[str]:
+    """The shape whose templates match the picture's object best (IoU); None without one."""
+    silhouette = normalized_silhouette(object_mask(image))
+    if silhouette is None:
+        return None
+    best = {shape: max(silhouette_iou(silhouette, t) for t in templates)
+            for shape, templates in shape_templates(shapes).items()}
+    return max(best, key=best.get)
+
+
+@functools.cache
+def _size_areas(shape: str, side: int) -> dict[str, float]:
+    return {size: float(_object_alone(shape, size, 0.0, side).mean()) for size in SIZES}
+
+
+def read_size(image: np.ndarray, shape: str) -> Optional[str]:
+    """The world size whose area for `shape` (the prompted shape) is nearest, in log area, to
+    the area of the picture's object; None without an object."""
+    mask = object_mask(image)
+    if mask.sum() < MIN_OBJECT_FRACTION * mask.size:
+        return None
+    area = float(mask.mean())
+    areas = _size_areas(shape, image.shape[0])
+    return min(areas, key=lambda size: abs(np.log(area / areas[size])))
 
 
 def mean_cosine_similarity(embeddings: np.ndarray, references: np.ndarray) -> np.ndarray:

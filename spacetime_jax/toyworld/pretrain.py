@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -47,11 +47,12 @@ from spacetime_jax.models.vae import AutoencoderKL, VAEConfig
 from spacetime_jax.pipelines.text_to_image import text_to_image
 from spacetime_jax.toyworld import dataset as toy_dataset
 from spacetime_jax.toyworld.captions import caption
+from spacetime_jax.toyworld.fidelity import read_shape, read_size
 from spacetime_jax.toyworld.measure import measure_background_color, measure_object_color
 from spacetime_jax.toyworld.pretrain_clip import train_clip
 from spacetime_jax.toyworld.pretrain_unet import LatentTrainingSet, train_unet
 from spacetime_jax.toyworld.pretrain_vae import train_vae
-from spacetime_jax.toyworld.scene import COLORS, Background, Scene
+from spacetime_jax.toyworld.scene import COLORS, SIZES, Background, Scene
 from spacetime_jax.toyworld.shapes import SHAPES
 from spacetime_jax.training.progress import format_duration
 from spacetime_jax.visualize import save_grid
@@ -147,15 +148,17 @@ def load_vae_stage(folder: Path) -> tuple[VAEConfig, Any]:
     return config, load_params(folder / "params.safetensors")
 
 
-def run_vae_stage(folder: Path, images: np.ndarray, config: ml_collections.ConfigDict) -> dict:
+def run_vae_stage(folder: Path, images: np.ndarray, masks: np.ndarray,
+                  config: ml_collections.ConfigDict) -> dict:
     start = time.perf_counter()
-    result = train_vae(images, config, folder, log=log)
+    result = train_vae(images, masks, config, folder, log=log)
     write_json(folder / "config.json", result.config.to_dict())
     save_params(folder / "params.safetensors", result.params)
     facts = {"steps": config.steps, "final_loss": result.final_loss,
              "heldout_l1_before": result.heldout_l1_before,
              "heldout_l1_after": result.heldout_l1_after,
              "scaling_factor": result.config.scaling_factor,
+             "heldout_reconstruction": result.heldout_report,
              "seconds": time.perf_counter() - start}
     write_json(folder / DONE_FILE, facts)
     return facts
@@ -240,17 +243,39 @@ def export_model(out: Path, towers: ClipTowers, vae: tuple[VAEConfig, Any],
     return out
 
 
-def scored_prompts(n: int, seed: int = SCORE_SEED) -> list[tuple[str, str, str]]:
-    """n (prompt, object color, background color), in the captions' own words: a medium plain
-    object of a random shape on a plain background of another color."""
+class ScoredPrompt(NamedTuple):
+    """A prompt in the captions' own words and what it asks for."""
+    prompt: str
+    color: str  # the object's
+    background: str
+    shape: str
+    size: str
+
+
+def scored_prompts(n: int, seed: int = SCORE_SEED) -> list[ScoredPrompt]:
+    """n prompts for a plain object of a random shape, size and color on a plain background of
+    another color."""
     rng = np.random.default_rng(seed)
     prompts = []
     for _ in range(n):
         shape = str(rng.choice(list(SHAPES)))
+        size = str(rng.choice(list(SIZES)))
         color, background = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
-        scene = Scene(shape, color, "medium", (0.5, 0.5), Background("plain", background))
-        prompts.append((caption(scene), color, background))
+        scene = Scene(shape, color, size, (0.5, 0.5), Background("plain", background))
+        prompts.append(ScoredPrompt(caption(scene), color, background, shape, size))
     return prompts
+
+
+def prompt_following(images: np.ndarray, prompts: list[ScoredPrompt]) -> dict[str, np.ndarray]:
+    """Per image, whether its measured background, object color, shape and size are the
+    prompted ones (bool arrays; chance 1/8, 1/8, 1/9 and 1/3)."""
+    return {
+        "background": np.array([measure_background_color(im) == p.background
+                                for im, p in zip(images, prompts)]),
+        "color": np.array([measure_object_color(im) == p.color for im, p in zip(images, prompts)]),
+        "shape": np.array([read_shape(im) == p.shape for im, p in zip(images, prompts)]),
+        "size": np.array([read_size(im, p.shape) == p.size for im, p in zip(images, prompts)]),
+    }
 
 
 def validate(model_dir: Path, config: ml_collections.ConfigDict, grid_path: Path) -> dict:
@@ -263,7 +288,7 @@ def validate(model_dir: Path, config: ml_collections.ConfigDict, grid_path: Path
     grid_seeds = [seed for _ in s.prompts for seed in s.seeds]
     scored = scored_prompts(s.num_scored)
     start = time.perf_counter()
-    images = text_to_image(sd, grid_prompts + [p for p, _, _ in scored],
+    images = text_to_image(sd, grid_prompts + [p.prompt for p in scored],
                            grid_seeds + [100 + i for i in range(len(scored))],
                            num_steps=s.steps, guidance_scale=s.guidance_scale, method=s.sampler)
     seconds = time.perf_counter() - start
@@ -272,18 +297,18 @@ def validate(model_dir: Path, config: ml_collections.ConfigDict, grid_path: Path
               title=f"the pretrained toy-world model: prompts x seeds "
                     f"{', '.join(map(str, s.seeds))}; {s.steps} {s.sampler} steps, guidance "
                     f"{s.guidance_scale:g}")
-    samples = images[len(grid_prompts):]
-    background_hits = [measure_background_color(img) == bg
-                       for img, (_, _, bg) in zip(samples, scored)]
-    object_hits = [measure_object_color(img) == color
-                   for img, (_, color, _) in zip(samples, scored)]
-    score = {"samples": len(scored), "background_color_accuracy": float(np.mean(background_hits)),
-             "object_color_accuracy": float(np.mean(object_hits)),
+    hits = prompt_following(images[len(grid_prompts):], scored)
+    score = {"samples": len(scored),
+             "background_color_accuracy": float(hits["background"].mean()),
+             "object_color_accuracy": float(hits["color"].mean()),
+             "shape_accuracy": float(hits["shape"].mean()),
+             "size_accuracy": float(hits["size"].mean()),
              "chance": 1.0 / len(COLORS), "steps": s.steps, "guidance_scale": s.guidance_scale,
              "sampler": s.sampler, "seconds": seconds}
     log(f"validate: {len(images)} images in {seconds:.0f}s -> {grid_path}; prompt following "
         f"on {len(scored)} samples: background color {score['background_color_accuracy']:.2f}, "
-        f"object color {score['object_color_accuracy']:.2f} (chance {score['chance']:.3f})")
+        f"object color {score['object_color_accuracy']:.2f}, shape "
+        f"{score['shape_accuracy']:.2f}, size {score['size_accuracy']:.2f}")
     return score
 
 
@@ -334,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # --- stage 2: VAE
     facts["vae"] = stage("vae", lambda: run_vae_stage(stage_dirs["vae"], data().images,
-                                                      config.vae))
+                                                      data().masks, config.vae))
     vae = load_vae_stage(stage_dirs["vae"])
 
     # --- stage 3: U-Net on cached latent moments and text contexts
@@ -362,8 +387,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                    "config": json.loads(config.to_json())}
         write_json(summary_path, summary)
     stage_seconds = sum(f["seconds"] for f in summary["stages"].values())
+    stage_times = ", ".join(f"{name} {format_duration(f['seconds'])}"
+                            for name, f in summary["stages"].items())
     score = summary["validation"]
     log(f"toyworld_pretrain: model in {model_dir}; prompted background color "
         f"{score['background_color_accuracy']:.2f}, object color "
-        f"{score['object_color_accuracy']:.2f}; stages took {format_duration(stage_seconds)}, "
-        f"this run {format_duration(time.perf_counter() - start)}")
+        f"{score['object_color_accuracy']:.2f}, shape {score.get('shape_accuracy', 0):.2f}, "
+        f"size {score.get('size_accuracy', 0):.2f}; stages took {format_duration(stage_seconds)} "
+        f"({stage_times}), this run {format_duration(time.perf_counter() - start)}")

@@ -9,6 +9,14 @@ adversarial term (the toy world is flat colors and hard edges, which L1 reconstr
 with both terms as means a weight of 1e-6 keeps the KL about as small as SD's: it only stops
 the posterior variances from collapsing to zero.
 
+Reconstructions are judged as the later stages need them: the silhouette IoU of the object read
+back from a reconstruction (toyworld/fidelity.py's object mask) against the rendered mask, and
+the hot-spot ratio of the mean background error map (each pixel's error averaged over the
+images where it is background, at least BACKGROUND_MARGIN pixels from the object, so that the
+objects' edges, which crowd the middle of the world's pictures, do not count; then the
+largest 8x8-pixel cell's mean over all cells' mean: an artifact at a fixed place shows as a
+ratio well above 1).
+
 After training, the scaling factor is set as SD's 0.18215 was: 1 / the standard deviation of
 latents drawn from the posterior of a sample of training images, so that the U-Net's latents
 have unit variance.
@@ -29,6 +37,7 @@ import optax
 from spacetime_jax.data.latents import encode_moments
 from spacetime_jax.models.host_init import host_init, param_template
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
+from spacetime_jax.toyworld.fidelity import object_mask, silhouette_iou
 from spacetime_jax.toyworld.stage import stage_loop
 from spacetime_jax.training.batches import minibatch_indices
 from spacetime_jax.training.guard import all_finite, keep_if_finite, reported_loss
@@ -36,6 +45,8 @@ from spacetime_jax.training.progress import read_metrics
 
 MAX_HELD_OUT = 64  # images kept out of training (at most an eighth) to score reconstruction
 SCALING_SAMPLE = 2048  # images whose latents set the scaling factor
+HOT_SPOT_CELL = 8  # pixels: the error map's cells
+BACKGROUND_MARGIN = 2  # pixels between the object and what the background error map counts
 LOG_LINES = 20
 
 
@@ -46,6 +57,7 @@ class VAEStageResult(NamedTuple):
     heldout_l1_before: float  # reconstruction L1 (posterior means) on held-out images, at init
     heldout_l1_after: float  # the same after training
     train_seconds: float  # the loop, compilation included
+    heldout_report: dict  # reconstruction_report of the held-out images after training
 
 
 class TrainState(NamedTuple):
@@ -98,6 +110,67 @@ def make_reconstruction_l1(model: AutoencoderKL) -> Callable[[Any, np.ndarray], 
     return lambda params, images: float(l1(params, jnp.asarray(images)))
 
 
+def make_reconstruct(model: AutoencoderKL, batch_size: int = 256
+                     ) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """(params, uint8 images) -> uint8 decode(posterior mean), in batches of batch_size."""
+
+    @jax.jit
+    def decode_mean(params, images_uint8):
+        images = to_model_range(images_uint8)
+        mean, _ = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+        pixels = model.apply({"params": params}, mean, method=AutoencoderKL.decode)
+        return jnp.clip(jnp.round((pixels + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    def reconstruct(params, images):
+        return np.concatenate([np.asarray(decode_mean(params, jnp.asarray(images[i:i + batch_size])))
+                               for i in range(0, len(images), batch_size)])
+
+    return reconstruct
+
+
+def error_map(images: np.ndarray, reconstructions: np.ndarray,
+              masks: np.ndarray | None = None) -> np.ndarray:
+    """(H, W): the mean absolute error per pixel over channels and images, in [0, 1] units;
+    with the objects' `masks`, over the images where the pixel is background (dilated masks
+    left out)."""
+    difference = reconstructions.astype(np.float32) - images.astype(np.float32)
+    errors = np.abs(difference).mean(axis=3) / 255.0
+    if masks is None:
+        return errors.mean(axis=0)
+    background = ~dilate(np.asarray(masks, bool), BACKGROUND_MARGIN)
+    return (errors * background).sum(axis=0) / np.maximum(background.sum(axis=0), 1)
+
+
+def dilate(masks: np.ndarray, margin: int) -> np.ndarray:
+    """(N, H, W) bool masks grown by `margin` pixels (a square neighbourhood)."""
+    padded = np.pad(masks, ((0, 0), (margin, margin), (margin, margin)))
+    height, width = masks.shape[1:]
+    side = 2 * margin + 1
+    return np.logical_or.reduce([padded[:, dy:dy + height, dx:dx + width]
+                                 for dy in range(side) for dx in range(side)])
+
+
+def hot_spot_ratio(errors: np.ndarray, cell: int = HOT_SPOT_CELL) -> float:
+    """The largest cell's mean error over the mean of all cells (1 for a flat map)."""
+    rows, cols = errors.shape[0] // cell, errors.shape[1] // cell
+    cells = errors[:rows * cell, :cols * cell].reshape(rows, cell, cols, cell).mean(axis=(1, 3))
+    return float(cells.max() / cells.mean())
+
+
+def reconstruction_report(images: np.ndarray, masks: np.ndarray,
+                          reconstructions: np.ndarray) -> dict:
+    """L1 (in [-1, 1] units, the training loss's), silhouette IoU (mean, 5th percentile,
+    min) of the objects read back from the reconstructions, and the hot-spot ratio of the
+    background error map."""
+    ious = np.array([silhouette_iou(object_mask(r), m) for r, m in zip(reconstructions, masks)])
+    return {"l1": float(2.0 * error_map(images, reconstructions).mean()),
+            "silhouette_iou": float(ious.mean()),
+            "silhouette_iou_p5": float(np.percentile(ious, 5)),
+            "silhouette_iou_min": float(ious.min()),
+            "hot_spot_ratio": hot_spot_ratio(error_map(images, reconstructions, masks)),
+            "images": int(len(images))}
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW, linear warmup then cosine decay to a tenth: a short run ends on small steps."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -135,16 +208,17 @@ def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int)
     return float(jnp.std(draws))
 
 
-def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: str | Path,
-              log: Callable[[str], Any] = print) -> VAEStageResult:
+def train_vae(images: np.ndarray, masks: np.ndarray, config: ml_collections.ConfigDict,
+              workdir: str | Path, log: Callable[[str], Any] = print) -> VAEStageResult:
     """Trains the autoencoder on uint8 images (N, S, S, 3) minus the last few (held out to
-    measure reconstruction). The loop (training/loop.py) writes progress lines,
+    measure reconstruction; `masks` (N, S, S) are the objects' pixels). The loop (training/loop.py) writes progress lines,
     workdir/metrics.jsonl and checkpoints in workdir/checkpoints, and resumes from the newest."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, S, S, 3) uint8, got {images.shape} {images.dtype}")
     held_out = max(1, min(MAX_HELD_OUT, len(images) // 8))
     train_images, heldout_images = images[:-held_out], images[-held_out:]
+    heldout_masks = np.asarray(masks)[-held_out:]
     loop = stage_loop("vae", workdir, config,
                       {"examples": len(images), "image_size": images.shape[1]}, LOG_LINES, log)
 
@@ -179,8 +253,11 @@ def train_vae(images: np.ndarray, config: ml_collections.ConfigDict, workdir: st
     params = jax.device_get(state.params)
     std = latent_std(model, params, train_images[:SCALING_SAMPLE], config.seed)
     model_config = dataclasses.replace(model_config, scaling_factor=1.0 / std)
-    log(f"vae: held-out L1 {heldout_before:.4f} -> {heldout_after:.4f}, latent std "
-        f"{std:.4f} -> scaling_factor {model_config.scaling_factor:.5f}, "
-        f"{train_seconds:.0f}s")
+    report = reconstruction_report(heldout_images, heldout_masks,
+                                   make_reconstruct(model)(params, heldout_images))
+    log(f"vae: held-out L1 {heldout_before:.4f} -> {heldout_after:.4f}, silhouette IoU "
+        f"{report['silhouette_iou']:.3f} (min {report['silhouette_iou_min']:.3f}), error "
+        f"hot-spot ratio {report['hot_spot_ratio']:.2f}; latent std {std:.4f} -> "
+        f"scaling_factor {model_config.scaling_factor:.5f}, {train_seconds:.0f}s")
     return VAEStageResult(model_config, params, read_metrics(workdir)[-1]["loss"],
-                          heldout_before, heldout_after, train_seconds)
+                          heldout_before, heldout_after, train_seconds, report)
