@@ -118,6 +118,7 @@ def test_reconstruction_report_scores_outlines_and_finds_a_fixed_place_artifact(
     examples = generate(seed=3, n=32)
     perfect = reconstruction_report(examples.images, examples.masks, examples.images)
     assert perfect["l1"] == 0.0 and perfect["silhouette_iou"] > 0.9
+    assert perfect["hot_spot_ratio"] == 1.0
     # A smear at one fixed place in every image: the outlines survive, the error map shows it.
     smeared = examples.images.copy()
     smeared[:, 8:16, 8:16] = 255 - smeared[:, 8:16, 8:16]

@@ -151,10 +151,12 @@ def dilate(masks: np.ndarray, margin: int) -> np.ndarray:
 
 
 def hot_spot_ratio(errors: np.ndarray, cell: int = HOT_SPOT_CELL) -> float:
-    """The largest cell's mean error over the mean of all cells (1 for a flat map)."""
+    """The largest cell's mean error over the mean of all cells (1 for a flat map, an
+    error-free one included)."""
     rows, cols = errors.shape[0] // cell, errors.shape[1] // cell
     cells = errors[:rows * cell, :cols * cell].reshape(rows, cell, cols, cell).mean(axis=(1, 3))
-    return float(cells.max() / cells.mean())
+    mean = float(cells.mean())
+    return float(cells.max()) / mean if mean > 0 else 1.0
 
 
 def reconstruction_report(images: np.ndarray, masks: np.ndarray,
