@@ -55,6 +55,17 @@ class _OrbaxErrorsAsOneLine(logging.Filter):
         return record.levelno < logging.ERROR or "/orbax/" not in record.pathname
 
 
+class _OrbaxTasksNeverRetrieved(logging.Filter):
+    """When one of a save's parallel writes fails, orbax raises the first failure and drops
+    the other write tasks; asyncio logs each dropped failure, traceback and all, whenever the
+    task is garbage-collected. The first failure already ended the run with one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and
+                    "/orbax/" in message)
+
+
 def _late_callback_onto_a_closed_loop(kind, value, traceback) -> bool:
     """After a failed write, tensorstore completes the writes still in flight on its own
     threads and calls back into orbax's event loop, which has closed: harmless, and printed
@@ -72,6 +83,7 @@ def _report_write_failures_once() -> None:
     if any(isinstance(f, _OrbaxErrorsAsOneLine) for f in absl_logger.filters):
         return
     absl_logger.addFilter(_OrbaxErrorsAsOneLine())
+    logging.getLogger("asyncio").addFilter(_OrbaxTasksNeverRetrieved())
     # tensorstore reports an exception in a callback through either hook.
     previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
 
