@@ -131,6 +131,44 @@ def test_reconstruction_report_scores_outlines_and_finds_a_fixed_place_artifact(
     assert hot_spot_ratio(np.ones((64, 64))) == pytest.approx(1.0)
 
 
+def test_centering_moves_the_latent_means_into_the_weights_and_decodes_the_same():
+    import ml_collections
+    from spacetime_jax.models.vae import AutoencoderKL
+    from spacetime_jax.toyworld.pretrain_vae import (center_latents, init_params,
+                                                     latent_channel_means, vae_config)
+    config = ml_collections.ConfigDict(dict(channels=(8, 8), layers_per_block=1,
+                                            norm_num_groups=4))
+    model = AutoencoderKL(vae_config(config, 16))
+    params = jax.tree.map(np.asarray, init_params(model, 16, seed=0))
+    images = generate(seed=5, n=8).images[:, ::4, ::4]
+    channel_means = latent_channel_means(model, params, images)
+    assert np.abs(channel_means).max() > 1e-3  # random weights: something to move
+    centered = center_latents(params, channel_means)
+    np.testing.assert_allclose(latent_channel_means(model, centered, images), 0, atol=1e-5)
+
+    def apply(p, method, x):
+        return model.apply({"params": p}, x, method=method)
+    pixels = jnp.asarray(images, jnp.float32) / 127.5 - 1
+    mean, logvar = apply(params, model.encode, pixels)
+    centered_mean, centered_logvar = apply(centered, model.encode, pixels)
+    np.testing.assert_allclose(centered_mean, mean - channel_means, atol=1e-5)
+    np.testing.assert_array_equal(centered_logvar, logvar)
+    np.testing.assert_allclose(apply(centered, model.decode, centered_mean),
+                               apply(params, model.decode, mean), atol=1e-4)
+
+
+def test_offset_noise_shifts_each_example_and_channel_by_one_draw():
+    from spacetime_jax.toyworld.pretrain_unet import offset_noise
+    key = jax.random.key(0)
+    shape = (256, 32, 32, 4)
+    plain = np.asarray(offset_noise(key, shape, 0.0))
+    offset = np.asarray(offset_noise(key, shape, 0.5))
+    shift = offset - plain  # the same pixel noise underneath, plus a constant per (example, channel)
+    np.testing.assert_allclose(shift, shift[:, :1, :1, :] + np.zeros(shape), atol=1e-6)
+    assert shift[:, 0, 0, :].std() == pytest.approx(0.5, rel=0.1)
+    assert plain.mean(axis=(1, 2)).std() == pytest.approx(1 / 32, rel=0.1)
+
+
 # ---------------------------------------------------------------------------------------
 # The smoke run, end to end
 
@@ -188,6 +226,8 @@ def test_scaling_factor_gives_latents_unit_variance(smoke):
     latents = (means + np.exp(0.5 * logvars) * noise) * scaling_factor
     assert latents.shape[1:] == (8, 8, 4)
     assert abs(latents.std() - 1.0) < 0.05
+    # The smoke config centers the latents: each channel's mean is folded into the weights.
+    assert np.abs(means.mean(axis=(0, 1, 2))).max() * scaling_factor < 0.05
 
 
 def test_exported_model_loads_here_in_diffusers_and_in_transformers(smoke):

@@ -28,8 +28,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     a step)."""
     return ml_collections.ConfigDict({**dict(
         channels=(8, 8), layers_per_block=1, norm_num_groups=4, batch_size=4, steps=STEPS,
-        learning_rate=1e-3, warmup_steps=2, weight_decay=0.0, kl_weight=1e-6, seed=0,
-        checkpoint_every=CHECKPOINT_EVERY), **overrides})
+        learning_rate=1e-3, warmup_steps=2, weight_decay=0.0, kl_weight=1e-6,
+        center_latents=False, seed=0, checkpoint_every=CHECKPOINT_EVERY), **overrides})
 
 
 class Killed(Exception):

@@ -11,7 +11,9 @@ at norm 1, and an exponential moving average of the params (with diffusers' EMA 
 decay min(ema_decay, (1 + step) / (10 + step))): the EMA is what gets exported. With
 `snr_gamma` > 0 the per-example losses are min-SNR weighted (diffusion/schedules.py): at the
 toy model's budget the weighting spends the updates on the noisy steps that lay out the shape;
-the held-out loss stays unweighted, comparable between runs.
+the held-out loss stays unweighted, comparable between runs. With `noise_offset` > 0 the
+training noise gets a per-example, per-channel offset (offset_noise), so that the text, not the
+leak of SD's schedule, sets each image's mean colour; the held-out loss keeps plain noise.
 """
 from __future__ import annotations
 
@@ -149,9 +151,22 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
     return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
+def offset_noise(key: jax.Array, shape: tuple[int, ...], offset: float) -> jax.Array:
+    """Gaussian noise plus, with offset > 0, one Gaussian draw per example and channel scaled
+    by offset (NHWC). SD's schedule keeps some signal at its last step, so a model trained on
+    plain noise reads each image's mean colour from x_T, which sampling from fresh noise does
+    not carry (backgrounds come out the colour that zero decodes to); a per-channel offset
+    swamps that leak and makes the text set the mean (Guttenberg's "offset noise")."""
+    pixel_key, channel_key = jax.random.split(key)
+    noise = jax.random.normal(pixel_key, shape)
+    if offset <= 0:
+        return noise
+    return noise + offset * jax.random.normal(channel_key, (shape[0], 1, 1, shape[-1]))
+
+
 def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransformation,
-                    caption_dropout: float, ema_decay: float, snr_gamma: float = 0.0
-                    ) -> Callable:
+                    caption_dropout: float, ema_decay: float, snr_gamma: float = 0.0,
+                    noise_offset: float = 0.0) -> Callable:
     """(state, schedule, means, logvars, contexts, empty context, scaling, key) ->
     (state, metrics); compiled once, the state donated. The schedule and the batch are jit
     arguments: closed-over arrays would become constants of the program."""
@@ -162,7 +177,7 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
         latent_rng, noise_rng, time_rng, drop_rng = jax.random.split(rng, 4)
         batch = means.shape[0]
         latents = sample_latents(latent_rng, means, logvars) * scaling
-        noise = jax.random.normal(noise_rng, latents.shape)
+        noise = offset_noise(noise_rng, latents.shape, noise_offset)
         timesteps = sample_timesteps(time_rng, batch, schedule.betas.shape[0])
         dropped = jax.random.uniform(drop_rng, (batch, 1, 1)) < caption_dropout
         contexts = jnp.where(dropped, empty_context[None].astype(jnp.float32),
@@ -212,7 +227,7 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
     initial = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                          jax.tree.map(jnp.copy, params))
     train_step = make_train_step(model, optimizer, config.caption_dropout, config.ema_decay,
-                                 config.snr_gamma)
+                                 config.snr_gamma, config.noise_offset)
     heldout_loss = make_heldout_loss(model, schedule)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     log(f"unet: {count / 1e6:.2f}M params, {model_config.num_cross_attention_layers} "

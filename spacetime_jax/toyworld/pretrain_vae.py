@@ -17,6 +17,8 @@ objects' edges, which crowd the middle of the world's pictures, do not count; th
 largest 8x8-pixel cell's mean over all cells' mean: an artifact at a fixed place shows as a
 ratio well above 1).
 
+With `center_latents`, each latent channel's mean over the training images is then folded into
+the autoencoder's weights (center_latents), so that latents are zero-mean per channel.
 After training, the scaling factor is set as SD's 0.18215 was: 1 / the standard deviation of
 latents drawn from the posterior of a sample of training images, so that the U-Net's latents
 have unit variance.
@@ -210,6 +212,33 @@ def latent_std(model: AutoencoderKL, params: Any, images: np.ndarray, seed: int)
     return float(jnp.std(draws))
 
 
+def latent_channel_means(model: AutoencoderKL, params: Any, images: np.ndarray) -> np.ndarray:
+    """Each latent channel's mean of the posterior means over `images`: (C,) float32."""
+    means, _ = encode_moments(model, params, images, batch_size=256)
+    return np.asarray(means, np.float32).reshape(-1, means.shape[-1]).mean(axis=0)
+
+
+def center_latents(params: Any, channel_means: np.ndarray) -> Any:
+    """The same autoencoder with `channel_means` moved from its latents into its weights:
+    encode gives latents minus channel_means (quant_conv's mean biases) and decode adds them
+    back before post_quant_conv (a 1x1 conv, so its bias absorbs kernel . channel_means).
+    Stable Diffusion's format has a scaling factor but no shift (SD3's shift_factor is not read
+    by SD 1.x pipelines); folding the shift into the weights keeps the format. Uncentered
+    latents leak each image's mean colour through the schedule's last step (its signal is not
+    zero), which sampling from zero-mean noise then lacks."""
+    channel_means = np.asarray(channel_means, np.float32)
+    latent = channel_means.shape[0]
+    quant, post = params["quant_conv"], params["post_quant_conv"]
+    quant_bias = np.array(quant["bias"], np.float32)
+    quant_bias[:latent] -= channel_means
+    post_kernel = np.asarray(post["kernel"], np.float32)  # (1, 1, latent, latent)
+    post_bias = np.asarray(post["bias"], np.float32) + channel_means @ post_kernel[0, 0]
+    return {**params,
+            "quant_conv": {**quant, "bias": quant_bias.astype(np.asarray(quant["bias"]).dtype)},
+            "post_quant_conv": {**post,
+                                "bias": post_bias.astype(np.asarray(post["bias"]).dtype)}}
+
+
 def train_vae(images: np.ndarray, masks: np.ndarray, config: ml_collections.ConfigDict,
               workdir: str | Path, log: Callable[[str], Any] = print) -> VAEStageResult:
     """Trains the autoencoder on uint8 images (N, S, S, 3) minus the last few (held out to
@@ -253,6 +282,11 @@ def train_vae(images: np.ndarray, masks: np.ndarray, config: ml_collections.Conf
     # --- held-out reconstruction and the scaling factor
     heldout_after = reconstruction_l1(state.params, heldout_images)
     params = jax.device_get(state.params)
+    if config.center_latents:
+        channel_means = latent_channel_means(model, params, train_images[:SCALING_SAMPLE])
+        params = center_latents(params, channel_means)
+        log("vae: latent channel means " + " ".join(f"{m:+.3f}" for m in channel_means)
+            + " folded into quant_conv and post_quant_conv")
     std = latent_std(model, params, train_images[:SCALING_SAMPLE], config.seed)
     model_config = dataclasses.replace(model_config, scaling_factor=1.0 / std)
     report = reconstruction_report(heldout_images, heldout_masks,
