@@ -10,18 +10,17 @@ finished stages are skipped and the stage that was running resumes from its newe
 (every <stage>.checkpoint_every steps; SIGTERM saves one and exits 143). Run it in the
 background (nohup ... > pretrain.log &) and follow the log.
 
-full:  the shipped model (spacetime_jax/assets/toyworld, builtin:toyworld). 40k images;
-       CLIP 64 wide, 4+4 layers (held-out retrieval top-1 0.947 in batches of 64);
-       VAE [8, 16, 32, 32] (0.33M params, held-out L1 0.16); U-Net SD 1.x topology
-       [32, 64, 64, 64], 16 cross-attention layers (3.28M params, held-out noise loss 0.032).
-       Measured on 2 CPU cores shared with other work: dataset 1 min, CLIP 7 min, VAE 12 min,
-       latents + contexts 3 min, U-Net 42 min, export + validation 1 min: 1h05m in all.
-v2:    the toy world v2 candidate (not shipped; the README's toy-world section has its
-       numbers): the same data and CLIP; VAE [16, 32, 64], 3 blocks (factor 4: 64x64x3 <->
-       16x16x4, so that latents keep outlines), 4400 x 16 at 2e-3; U-Net at 16x16 latents,
-       4400 x 32, min-SNR-5 loss weighting. 1h13m on 2 idle CPU cores.
-v2b:   v2 with latents centered per channel (the means folded into the VAE's weights), offset
-       noise 0.1 for the U-Net and 5600 U-Net steps.
+full:  the shipped model, toy world v2 (spacetime_jax/assets/toyworld, builtin:toyworld).
+       40k images; CLIP 64 wide, 4+4 layers (held-out retrieval top-1 0.947 in batches of
+       64); VAE [16, 32, 64], 3 blocks (factor 4: 64x64x3 <-> 16x16x4, so that latents keep
+       outlines), 4400 x 16 at 2e-3, its latents centered per channel (the means folded into
+       its weights); U-Net SD 1.x topology [32, 64, 64, 64], 16 cross-attention layers
+       (3.28M params) at 16x16 latents, 5600 x 32, min-SNR-5 loss weighting, offset noise
+       0.1. The README's toy-world section has each stage's time and result.
+v1:    the model shipped first: VAE [8, 16, 32, 32] (factor 8: 8x8 latents, held-out L1
+       0.16), U-Net 4000 x 64, plain noise loss; 1h05m.
+v2a:   the first v2 candidate: full without the centered latents and offset noise, 4400
+       U-Net steps (backgrounds 0.50 at guidance 4: see the README).
 smoke: a few hundred images and a few steps per stage at toy widths: a minute or two, mostly
        compilation; the end-to-end test runs it.
 
@@ -31,12 +30,10 @@ import ml_collections
 
 
 VARIANTS = {  # get_config's variants (the default first), one line each for --help
-    "full": "the shipped model (builtin:toyworld): 40k images, CLIP, VAE and U-Net, about "
-            "1 h on 2 CPU cores",
-    "v2": "the toy world v2 candidate (factor-4 VAE, 16x16 latents, min-SNR): 1h13m, not "
-          "shipped",
-    "v2b": "v2 with centered latents, offset noise and 5600 U-Net steps: about 90 min, "
-           "not shipped",
+    "full": "the shipped model, toy world v2 (builtin:toyworld): 40k images, CLIP, VAE and "
+            "U-Net",
+    "v1": "the model shipped first (factor-8 VAE, 8x8 latents): 1h05m",
+    "v2a": "the first v2 candidate (no centered latents or offset noise, 4400 U-Net steps)",
     "smoke": "a few hundred images and a few steps per stage, a minute or two",
 }
 
@@ -75,16 +72,21 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     # Stage 2: VAE (L1 + kl_weight * KL, both means; see toyworld/pretrain_vae.py). One block
     # per width, each but the last halving the side.
     c.vae = ml_collections.ConfigDict()
-    c.vae.channels = (8, 16, 32, 32)
-    c.vae.layers_per_block = 2
+    # 3 widths make SD's 4 latent channels at a quarter of the image side: 16x16 latents
+    # keep the outlines that v1's 8x8 (an eighth) lost.
+    c.vae.channels = (16, 32, 64)
+    c.vae.layers_per_block = 1
     c.vae.norm_num_groups = 8
     c.vae.batch_size = 16
-    c.vae.steps = 1200
-    c.vae.learning_rate = 1e-3
+    c.vae.steps = 4400
+    c.vae.learning_rate = 2e-3
     c.vae.warmup_steps = 100
     c.vae.weight_decay = 0.0
     c.vae.kl_weight = 1e-6
-    c.vae.center_latents = False  # fold each latent channel's mean into the weights
+    # Zero-mean latents (each channel's mean folded into the weights): with offset noise
+    # below, the text and not the leak of SD's schedule sets the background (v2a drew most
+    # backgrounds orange or red, worse at guidance 1 than at 4).
+    c.vae.center_latents = True
     c.vae.seed = 0
     c.vae.checkpoint_every = 200
 
@@ -94,15 +96,15 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.unet.layers_per_block = 2
     c.unet.attention_heads = 2
     c.unet.norm_num_groups = 8
-    c.unet.batch_size = 64
-    c.unet.steps = 4000
+    c.unet.batch_size = 32
+    c.unet.steps = 5600
     c.unet.learning_rate = 5e-4
     c.unet.warmup_steps = 200
     c.unet.weight_decay = 0.01
     c.unet.ema_decay = 0.999
     c.unet.caption_dropout = 0.1
-    c.unet.snr_gamma = 0.0  # min-SNR loss weighting (gamma); 0: the plain noise loss
-    c.unet.noise_offset = 0.0  # per-example, per-channel noise offset's std; 0: plain noise
+    c.unet.snr_gamma = 5.0  # min-SNR loss weighting (gamma); 0: the plain noise loss
+    c.unet.noise_offset = 0.1  # per-example, per-channel noise offset's std; 0: plain noise
     c.unet.seed = 0
     c.unet.checkpoint_every = 200
 
@@ -120,24 +122,20 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 4.0
     c.sample.sampler = "dpmpp_2m"
 
-    if arg in ("v2", "v2b"):
-        # 3 widths make SD's 4 latent channels at a quarter of the image side: 16x16 latents
-        # keep the outlines that v1's 8x8 (an eighth) lost.
-        c.vae.channels = (16, 32, 64)
-        c.vae.layers_per_block = 1
-        c.vae.steps = 4400
-        c.vae.learning_rate = 2e-3
-        c.unet.batch_size = 32
+    if arg == "v1":
+        c.vae.channels = (8, 16, 32, 32)
+        c.vae.layers_per_block = 2
+        c.vae.steps = 1200
+        c.vae.learning_rate = 1e-3
+        c.vae.center_latents = False
+        c.unet.batch_size = 64
+        c.unet.steps = 4000
+        c.unet.snr_gamma = 0.0
+        c.unet.noise_offset = 0.0
+    elif arg == "v2a":
+        c.vae.center_latents = False
         c.unet.steps = 4400
-        c.unet.snr_gamma = 5.0
-        if arg == "v2b":
-            # v2 drew its backgrounds mostly orange or red, worse at guidance 1 than 4: the
-            # signal SD's schedule keeps at its last step carries each training image's mean
-            # colour, which samples from fresh noise lack. Zero-mean latents shrink that leak,
-            # offset noise swamps it; the steps are what the 100-minute budget still allows.
-            c.vae.center_latents = True
-            c.unet.noise_offset = 0.1
-            c.unet.steps = 5600
+        c.unet.noise_offset = 0.0
     elif arg == "smoke":
         c.data.num_examples = 384
         c.data.processes = 1
@@ -153,8 +151,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.vae.channels = (16, 16, 16, 16)
         c.vae.layers_per_block = 1
         c.vae.norm_num_groups = 8
-        c.vae.center_latents = True  # v2b's paths, run by the end-to-end test
-        c.unet.noise_offset = 0.1
+        c.vae.learning_rate = 1e-3
         c.unet.block_out_channels = (16, 32, 32, 32)
         c.unet.norm_num_groups = 8
         c.unet.learning_rate = 1e-3
