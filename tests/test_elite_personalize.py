@@ -153,9 +153,10 @@ def test_lambda_zero_is_the_global_words_alone(batched, encoders, inputs, tmp_pa
         lambda_zero = read(batched / "crescent_01" / f"0_{s}_l0.png")
         difference = np.abs(global_only - lambda_zero)
         assert difference.max() <= 1 and difference.mean() < 0.01
-    # ... while lambda 0.6 adds the local branch.
+    # ... while lambda 0.6 adds the local branch: a mean change of 0.31 (of 255) on toy world
+    # v2 (0.5+ on v1), against under 0.01 between the two ways of running lambda 0 above.
     assert np.abs(read(batched / "crescent_01" / "0_0_l0.6.png")
-                  - read(batched / "crescent_01" / "0_0_l0.png")).mean() > 0.5
+                  - read(batched / "crescent_01" / "0_0_l0.png")).mean() > 0.1
 
 
 def test_all_words_differ_from_the_primary_word(batched, encoders, inputs, tmp_path):
