@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from spacetime_jax import cli
-from spacetime_jax.errors import UserError, exit_with
+from spacetime_jax.errors import USER_ERROR_STATUS, UserError, exit_with
 from spacetime_jax.paths import resolve, resolve_config_paths
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,8 +78,17 @@ def main(argv) -> None:
     if _PRINT_CONFIG.value:
         print(cli.format_config(config, cli.config_source(sys.argv)))  # as typed
         return
+    from spacetime_jax.training.checkpoint import CheckpointWriteError
     try:
         run(config, _WORKDIR.value)
+    except CheckpointWriteError as err:
+        # The failed save leaves orbax's sibling writes and tensorstore's callbacks behind on
+        # their threads; whatever they print while the interpreter tears down would bury the
+        # one line. Nothing is left to save: the newest complete checkpoint is on disk.
+        print(f"error: {err}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(USER_ERROR_STATUS)
     except UserError as err:
         exit_with(str(err))
 
