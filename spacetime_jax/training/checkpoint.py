@@ -57,13 +57,24 @@ class _OrbaxErrorsAsOneLine(logging.Filter):
 
 class _OrbaxTasksNeverRetrieved(logging.Filter):
     """When one of a save's parallel writes fails, orbax raises the first failure and drops
-    the other write tasks; asyncio logs each dropped failure, traceback and all, whenever the
-    task is garbage-collected. The first failure already ended the run with one line."""
+    the other write tasks and their gathering future; asyncio logs each dropped failure,
+    traceback and all, whenever it is garbage-collected. The first failure already ended the
+    run with one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and
-                    "/orbax/" in message)
+        if "exception was never retrieved" not in message.splitlines()[0]:
+            return True
+        return not ("/orbax/" in message or _raised_in_orbax(record.exc_info))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    traceback = exc_info[2] if isinstance(exc_info, tuple) else None
+    while traceback is not None:
+        if "/orbax/" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _late_callback_onto_a_closed_loop(kind, value, traceback) -> bool:
