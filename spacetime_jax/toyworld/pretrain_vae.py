@@ -17,11 +17,11 @@ objects' edges, which crowd the middle of the world's pictures, do not count; th
 largest 8x8-pixel cell's mean over all cells' mean: an artifact at a fixed place shows as a
 ratio well above 1).
 
-With `center_latents`, each latent channel's mean over the training images is then folded into
-the autoencoder's weights (center_latents), so that latents are zero-mean per channel.
-After training, the scaling factor is set as SD's 0.18215 was: 1 / the standard deviation of
-latents drawn from the posterior of a sample of training images, so that the U-Net's latents
-have unit variance.
+After training, with `center_latents`, each latent channel's mean over a sample of training
+images is folded into the autoencoder's weights (center_latents), so that latents are zero-mean
+per channel. Then the scaling factor is set as SD's 0.18215 was: 1 / the standard deviation of
+latents drawn from the posterior of that sample, so that the U-Net's latents have unit
+variance.
 """
 from __future__ import annotations
 
