@@ -62,6 +62,9 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.clip.image_size = 64
     c.clip.projection_dim = 64
     c.clip.batch_size = 128
+    # > 0: each batch is this many (object color, background color) groups, so that its
+    # negatives share both colors and only shape, size and patterns tell captions apart.
+    c.clip.groups_per_batch = 0
     c.clip.steps = 800
     c.clip.learning_rate = 1e-3
     c.clip.warmup_steps = 100
@@ -148,6 +151,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.clip.heads = 2
         c.clip.batch_size = 32
         c.clip.learning_rate = 2e-3
+        c.clip.groups_per_batch = 8  # the grouped batches' path, 4 of a color pair each
         c.vae.channels = (16, 16, 16, 16)
         c.vae.layers_per_block = 1
         c.vae.norm_num_groups = 8

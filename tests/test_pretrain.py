@@ -201,6 +201,7 @@ def test_smoke_run_trains_every_stage_in_order(smoke):
     positions = [out.index(f"{stage}: training") for stage in STAGES]
     assert positions == sorted(positions)
     assert "16 cross-attention layers" in out
+    assert "clip: each batch 8 (object color, background color) groups of 4" in out
     for stage in STAGES:
         assert (smoke["workdir"] / stage / "done.json").is_file()
     for stage in ("vae", "unet"):
@@ -212,6 +213,7 @@ def test_each_stage_lowers_its_loss(smoke):
     stages = smoke["summary"]["stages"]
     # CLIP: contrastive loss of held-out (image, caption) batches.
     assert stages["clip"]["heldout_loss_after"] < 0.9 * stages["clip"]["heldout_loss_before"]
+    assert 0.0 <= stages["clip"]["shape_accuracy"] <= 1.0
     # VAE: L1 reconstruction of held-out images (posterior means), at init and after.
     assert stages["vae"]["heldout_l1_after"] < 0.9 * stages["vae"]["heldout_l1_before"]
     # U-Net: noise loss of the EMA params on fixed held-out (latents, noise, timesteps).

@@ -13,7 +13,8 @@ from spacetime_jax.models.clip_text import CLIPTextTransformer
 from spacetime_jax.models.clip_vision import CLIPVisionTransformer, clip_preprocess
 from spacetime_jax.models.tokenizer import load_tokenizer, tokenize
 from spacetime_jax.toyworld import pretrain_clip
-from spacetime_jax.training.batches import minibatch_indices
+from spacetime_jax.toyworld.shapes import SHAPES
+from spacetime_jax.training.batches import grouped_minibatch_indices, minibatch_indices
 
 STEPS = 30
 
@@ -23,7 +24,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         width=32, text_layers=2, heads=2, vision_width=32, vision_layers=2, patch_size=8,
         image_size=64, projection_dim=32, batch_size=32, steps=STEPS, learning_rate=2e-3,
-        warmup_steps=5, weight_decay=0.1, seed=0, checkpoint_every=200))
+        warmup_steps=5, weight_decay=0.1, seed=0, checkpoint_every=200, groups_per_batch=0))
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,48 @@ def test_minibatches_cover_each_epoch_once_and_are_seeded():
         next(minibatch_indices(2, 3, seed=0))
 
 
+def test_grouped_minibatches_take_equal_shares_of_distinct_groups_and_resume():
+    groups = np.repeat(np.arange(5), [6, 6, 6, 6, 2])  # group 4 is too small for 3 a batch
+    batches = grouped_minibatch_indices(groups, batch_size=6, groups_per_batch=2, seed=7)
+    drawn = [next(batches) for _ in range(20)]
+    for batch in drawn:
+        assert len(np.unique(batch)) == 6
+        labels, counts = np.unique(groups[batch], return_counts=True)
+        assert len(labels) == 2 and counts.tolist() == [3, 3] and 4 not in labels
+    assert len(np.unique(np.concatenate([groups[b] for b in drawn]))) == 4  # all eligible used
+    resumed = grouped_minibatch_indices(groups, batch_size=6, groups_per_batch=2, seed=7,
+                                        start=13)
+    np.testing.assert_array_equal(next(resumed), drawn[13])
+    with pytest.raises(ValueError, match="not a multiple"):
+        next(grouped_minibatch_indices(groups, batch_size=6, groups_per_batch=4, seed=0))
+    with pytest.raises(ValueError, match="only 4 groups have the 3 examples"):
+        next(grouped_minibatch_indices(groups, batch_size=15, groups_per_batch=5, seed=0))
+
+
+def test_color_pair_groups_read_the_object_and_background_colors():
+    captions = ["a photo of a red star on a green background",
+                "a rendering of the small red striped ring on a green checkered background",
+                "a photo of a green star on a red background",
+                "a photo of a red circle on a blue background"]
+    labels = pretrain_clip.color_pair_groups(captions)
+    assert labels[0] == labels[1] and len(set(labels.tolist())) == 3
+    with pytest.raises(ValueError, match="names no color"):
+        pretrain_clip.color_pair_groups(["a photo of a star"])
+
+
+def test_word_swaps_replace_the_one_word_in_order():
+    swapped, labels = pretrain_clip.word_swaps(
+        ["a photo of a red star on a green background", "a small ring on a red background"],
+        ("circle", "star", "ring"))
+    assert labels.tolist() == [1, 2]
+    assert swapped[:3] == ["a photo of a red circle on a green background",
+                           "a photo of a red star on a green background",
+                           "a photo of a red ring on a green background"]
+    assert swapped[3] == "a small circle on a red background"
+    with pytest.raises(ValueError, match="has 0 of the words"):
+        pretrain_clip.word_swaps(["a photo of a red square"], ("circle", "star"))
+
+
 def test_too_few_examples_are_refused_before_any_work(tmp_path):
     # 64 held out + a batch of 32 need 96.
     images = np.zeros((95, 64, 64, 3), np.uint8)
@@ -121,6 +164,7 @@ def test_training_lowers_the_contrastive_loss(trained):
     assert result.held_out_loss < result.initial_held_out_loss - 0.1, (
         result.initial_held_out_loss, result.held_out_loss)
     assert 0.0 <= result.retrieval_accuracy <= 1.0
+    assert 0.0 <= result.shape_accuracy <= 1.0
 
 
 def test_held_out_loss_is_the_loss_of_the_last_64(trained):
@@ -135,6 +179,15 @@ def test_held_out_loss_is_the_loss_of_the_last_64(trained):
     assert abs(float(contrastive_loss(trained_logits)) - result.held_out_loss) < 1e-4
     hits = np.argmax(trained_logits, axis=1) == np.arange(64)
     assert result.retrieval_accuracy == pytest.approx(hits.mean())
+
+    # Shape retrieval: each image against its caption with each world shape in its place.
+    variants, labels = pretrain_clip.word_swaps(examples.captions[-64:], tuple(SHAPES))
+    variant_ids = pretrain_clip.caption_ids(result.tokenizer_dir, variants)
+    variant_logits = jax.jit(lambda p: model.apply({"params": p}, variant_ids, pixels)[0])(
+        result.params).reshape(64, 64, len(SHAPES))  # image, caption, shape
+    own = variant_logits[np.arange(64), np.arange(64)]
+    shape_hits = np.argmax(own, axis=1) == labels
+    assert result.shape_accuracy == pytest.approx(np.mean(shape_hits))
 
 
 def test_configs_agree_with_the_tokenizer(trained):

@@ -135,6 +135,7 @@ def run_clip_stage(folder: Path, images: np.ndarray, captions: list[str],
              "heldout_loss_before": result.initial_held_out_loss,
              "heldout_loss_after": result.held_out_loss,
              "retrieval_accuracy": result.retrieval_accuracy,
+             "shape_accuracy": result.shape_accuracy,
              "seconds": time.perf_counter() - start}
     write_json(folder / DONE_FILE, facts)
     return facts
