@@ -196,6 +196,20 @@ def smoke(tmp_path_factory):
                 rerun_seconds=rerun_seconds, summary=summary)
 
 
+@pytest.mark.parametrize("groups", ["5", "-1"])
+def test_groups_that_do_not_divide_the_batch_are_one_line_before_any_work(tmp_path, groups):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "spacetime_jax.main", "--config=configs/toyworld_pretrain.py:smoke",
+         f"--workdir={workdir}", f"--config.clip.groups_per_batch={groups}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert (f"clip.groups_per_batch={groups} must be 0 (random batches) or divide "
+            "clip.batch_size=32") in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not workdir.exists()
+
+
 def test_smoke_run_trains_every_stage_in_order(smoke):
     out = smoke["first"].stdout
     positions = [out.index(f"{stage}: training") for stage in STAGES]

@@ -326,6 +326,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.clip.width % config.clip.heads:
         raise UserError(f"clip.width={config.clip.width} is not a multiple of "
                         f"clip.heads={config.clip.heads}")
+    groups = config.clip.groups_per_batch
+    if groups < 0 or (groups and config.clip.batch_size % groups):
+        raise UserError(f"clip.groups_per_batch={groups} must be 0 (random batches) or divide "
+                        f"clip.batch_size={config.clip.batch_size}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
