@@ -15,6 +15,10 @@ first images, a person can look at, goes to --out (default benchmarks/out/, neve
 folder) as toyworld_prompt_following.png. The same measures on fresh renders of the prompts
 are printed first: the measures' own ceiling. Targets for the shipped model at guidance 4:
 background >= 0.95, color >= 0.85, shape >= 0.70, size >= 0.70.
+
+Then the one-step denoising probe (toyworld/denoising.py) on --denoised held-out renders
+(world seed 99): the outline IoU and shape read back after noising to t and one U-Net step,
+which ranks models (short trials included) that all draw shapes near chance.
 """
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ import numpy as np
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
 from spacetime_jax.pipelines.text_to_image import text_to_image
+from spacetime_jax.toyworld import world
+from spacetime_jax.toyworld.denoising import one_step_denoising
 from spacetime_jax.toyworld.fidelity import read_shape
-from spacetime_jax.toyworld.pretrain import ScoredPrompt, prompt_following, scored_prompts
+from spacetime_jax.toyworld.pretrain import (HELD_OUT_WORLD_SEED, ScoredPrompt,
+                                             prompt_following, scored_prompts)
 from spacetime_jax.toyworld.render import render
 from spacetime_jax.toyworld.scene import Background, Scene
 from spacetime_jax.visualize import save_grid
@@ -72,6 +79,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--denoised", type=int, default=256,
+                        help="held-out renders for the one-step denoising probe; 0: skip it")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"folder for {GRID_FILE} (the first images at the last guidance "
                              "scale)")
@@ -98,6 +107,16 @@ def main() -> None:
                            f"{rows * cols} scored prompts, seeds {seeds[0]}.."
                            f"{seeds[rows * cols - 1]} (row by row)")
     print(f"grid of the first {rows * cols} images (guidance {args.guidance[-1]}) -> {grid}")
+    if args.denoised:
+        print(f"one step of denoising, {args.denoised} held-out renders (world seed "
+              f"{HELD_OUT_WORLD_SEED}; t=0: the VAE alone)")
+        print(f"{'t':>5} {'IoU':>7} {'shape':>7} {'latent rmse':>12}")
+        renders_99 = world.generate(HELD_OUT_WORLD_SEED, args.denoised,
+                                    size=sd.unet.config.sample_size
+                                    * sd.vae_config.downsample_factor)
+        for d in one_step_denoising(sd, renders_99):
+            print(f"{d.timestep:>5} {d.iou:>7.3f} {d.shape_accuracy:>7.3f} "
+                  f"{d.latent_rmse:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.unet.caption_dropout = 0.1
     c.unet.snr_gamma = 5.0  # min-SNR loss weighting (gamma); 0: the plain noise loss
     c.unet.noise_offset = 0.1  # per-example, per-channel noise offset's std; 0: plain noise
+    c.unet.prediction_type = "epsilon"  # or "v_prediction" (SD 2's); the scheduler says which
     c.unet.seed = 0
     c.unet.checkpoint_every = 200
 
@@ -121,6 +122,9 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
                         "a photo of a yellow square on a black background")
     c.sample.seeds = (0, 1, 2, 3)
     c.sample.num_scored = 32  # random prompts whose colors are measured from the pixels
+    # held-out renders noised and denoised in one step (toyworld/denoising.py): an outline
+    # score that ranks short trials
+    c.sample.num_denoised = 256
     c.sample.steps = 25
     c.sample.guidance_scale = 4.0
     c.sample.sampler = "dpmpp_2m"
@@ -162,6 +166,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.sample.prompts = c.sample.prompts[:2]
         c.sample.seeds = (0, 1)
         c.sample.num_scored = 8
+        c.sample.num_denoised = 8
         c.sample.steps = 4
     elif arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r} of configs/toyworld_pretrain.py "

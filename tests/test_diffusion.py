@@ -233,3 +233,34 @@ def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma():
     weights = np.asarray(min_snr_weights(schedule, t, 5.0))
     assert weights[0] < 0.01 and weights[-1] == 1.0
     np.testing.assert_array_equal(np.asarray(min_snr_weights(schedule, t, 0.0)), np.ones(4))
+
+
+def test_min_snr_weights_for_v_prediction_divide_by_snr_plus_one():
+    from spacetime_jax.diffusion.schedules import min_snr_weights
+    schedule = ddpm_schedule(SchedulerConfig())
+    t = jnp.array([0, 100, 400, 999])
+    alpha_bar = np.asarray(schedule.alphas_cumprod)[np.asarray(t)]
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = np.asarray(min_snr_weights(schedule, t, 5.0, "v_prediction"))
+    np.testing.assert_allclose(weights, np.minimum(snr, 5.0) / (snr + 1.0), rtol=1e-5)
+    # In x0 terms both are min(SNR, gamma): at the noisiest step (SNR 0.0047) v's loss is about
+    # the x0 loss, so it keeps about SNR of it, where epsilon's keeps all of its own.
+    assert weights[-1] == pytest.approx(snr[-1], rel=0.01) and weights[0] < 0.01
+    with pytest.raises(UnsupportedSchedulerError, match="'sample'"):
+        min_snr_weights(schedule, t, 5.0, "sample")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_the_noising_given_the_exact_target(noising_batch, prediction_type):
+    from spacetime_jax.diffusion.schedules import predicted_x0
+    x0, noise, t = noising_batch
+    t = jnp.asarray(t[:-1])  # abar at t = 999 is 0.0047: x0 / sqrt(abar) loses float32 digits
+    x0, noise = x0[:-1], noise[:-1]
+    schedule = ddpm_schedule(SchedulerConfig())
+    x_t = add_noise(schedule, x0, noise, t)
+    target = training_target(schedule, x0, noise, t, prediction_type)
+    np.testing.assert_allclose(np.asarray(predicted_x0(schedule, target, x_t, t,
+                                                       prediction_type)), x0, atol=2e-4)
+    # A wrong output moves the answer: the function reads the prediction, not x_t alone.
+    wrong = np.asarray(predicted_x0(schedule, target + 0.1, x_t, t, prediction_type))
+    assert np.abs(wrong - x0).max() > 0.01

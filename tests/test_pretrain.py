@@ -169,6 +169,34 @@ def test_offset_noise_shifts_each_example_and_channel_by_one_draw():
     assert plain.mean(axis=(1, 2)).std() == pytest.approx(1 / 32, rel=0.1)
 
 
+class _ZeroModel:
+    """A denoiser that outputs zeros: the loss is then the weighted mean square target."""
+
+    def apply(self, variables, noisy, timesteps, contexts):
+        return jnp.zeros_like(noisy)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noise_loss_trains_on_the_named_target_with_its_min_snr_weights(prediction_type):
+    from spacetime_jax.diffusion.schedules import (SchedulerConfig, ddpm_schedule,
+                                                   min_snr_weights, training_target)
+    from spacetime_jax.toyworld.pretrain_unet import noise_loss
+    schedule = ddpm_schedule(SchedulerConfig())
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((4, 8, 8, 4)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((4, 8, 8, 4)), jnp.float32)
+    t = jnp.array([10, 300, 700, 990])
+    target = np.asarray(training_target(schedule, latents, noise, t, prediction_type))
+    weights = np.asarray(min_snr_weights(schedule, t, 5.0, prediction_type))
+    expected = np.mean(weights * (target ** 2).mean(axis=(1, 2, 3)))
+    loss = noise_loss(_ZeroModel(), {}, schedule, latents, noise, t, None, 5.0, prediction_type)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # The other target gives another loss: the argument is used.
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    assert float(noise_loss(_ZeroModel(), {}, schedule, latents, noise, t, None, 5.0,
+                            other)) != pytest.approx(expected, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------
 # The smoke run, end to end
 
@@ -206,6 +234,19 @@ def test_groups_that_do_not_divide_the_batch_are_one_line_before_any_work(tmp_pa
     assert done.returncode == 2, done.stderr
     assert (f"clip.groups_per_batch={groups} must be 0 (random batches) or divide "
             "clip.batch_size=32") in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not workdir.exists()
+
+
+def test_unknown_prediction_type_is_one_line_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "spacetime_jax.main", "--config=configs/toyworld_pretrain.py:smoke",
+         f"--workdir={workdir}", "--config.unet.prediction_type=sample"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "unet.prediction_type='sample' is unknown; use one of ('epsilon', 'v_prediction')" \
+        in done.stderr
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
 
@@ -285,6 +326,12 @@ def test_validation_writes_a_grid_and_a_prompt_following_score(smoke):
     assert 0.0 <= reconstruction["silhouette_iou"] <= 1.0
     assert reconstruction["hot_spot_ratio"] >= 1.0
     assert "prompt following on 8 samples" in smoke["first"].stdout
+    denoising = validation["one_step_denoising"]
+    assert [d["timestep"] for d in denoising] == [0, 200, 400, 600, 800]
+    assert denoising[0]["latent_rmse"] == 0.0
+    assert all(0.0 <= d["iou"] <= 1.0 and 0.0 <= d["shape_accuracy"] <= 1.0 for d in denoising)
+    assert all(d["latent_rmse"] > 0.0 for d in denoising[1:])
+    assert "one step of denoising, 8 held-out renders: t=0 IoU" in smoke["first"].stdout
 
 
 def test_rerun_on_a_finished_workdir_skips_every_stage(smoke):

@@ -138,6 +138,18 @@ def velocity(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Arr
     return signal * noise - noise_scale * x0
 
 
+def predicted_x0(schedule: DDPMSchedule, model_output: jax.Array, x_t: jax.Array,
+                 t: jax.Array, prediction_type: str) -> jax.Array:
+    """The clean sample a denoiser's output implies at x_t = add_noise(schedule, x0, noise, t)."""
+    signal, noise_scale = _signal_and_noise_scales(schedule, t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - noise_scale * model_output) / signal
+    if prediction_type == "v_prediction":
+        return signal * x_t - noise_scale * model_output
+    raise UnsupportedSchedulerError(f"prediction_type={prediction_type!r} is not supported "
+                                    f"(supported: {PREDICTION_TYPES})")
+
+
 def training_target(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
                     prediction_type: str) -> jax.Array:
     """What the denoiser is trained to output at x_t = add_noise(schedule, x0, noise, t)."""
@@ -149,15 +161,23 @@ def training_target(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: 
                                     f"(supported: {PREDICTION_TYPES})")
 
 
-def min_snr_weights(schedule: DDPMSchedule, t: jax.Array, gamma: float) -> jax.Array:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon prediction, shape (B,):
-    min(SNR(t), gamma) / SNR(t). Low-noise steps, whose epsilon is easy and whose gradients
-    fight those of high-noise steps, are weighted down; gamma <= 0 gives weight 1."""
+def min_snr_weights(schedule: DDPMSchedule, t: jax.Array, gamma: float,
+                    prediction_type: str = "epsilon") -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), shape (B,): min(SNR(t), gamma) / SNR(t)
+    for epsilon prediction, min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction (whose loss is
+    (SNR + 1) times the x0 loss, where epsilon's is SNR times it). Low-noise steps, whose
+    target is easy and whose gradients fight those of high-noise steps, are weighted down;
+    gamma <= 0 gives weight 1."""
     if gamma <= 0:
         return jnp.ones(t.shape, jnp.float32)
     alpha_bar = schedule.alphas_cumprod[t]
     snr = alpha_bar / (1.0 - alpha_bar)
-    return jnp.minimum(snr, gamma) / snr
+    if prediction_type == "epsilon":
+        return jnp.minimum(snr, gamma) / snr
+    if prediction_type == "v_prediction":
+        return jnp.minimum(snr, gamma) / (snr + 1.0)
+    raise UnsupportedSchedulerError(f"prediction_type={prediction_type!r} is not supported "
+                                    f"(supported: {PREDICTION_TYPES})")
 
 
 def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:

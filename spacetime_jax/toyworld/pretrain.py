@@ -36,7 +36,7 @@ from safetensors.numpy import load_file, save_file
 
 from spacetime_jax.data.latents import encode_moments
 from spacetime_jax.diffusion.samplers import METHODS
-from spacetime_jax.diffusion.schedules import SchedulerConfig
+from spacetime_jax.diffusion.schedules import PREDICTION_TYPES, SchedulerConfig
 from spacetime_jax.errors import UserError
 from spacetime_jax.models import pretrained
 from spacetime_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
@@ -46,7 +46,9 @@ from spacetime_jax.models.unet import UNetConfig
 from spacetime_jax.models.vae import AutoencoderKL, VAEConfig
 from spacetime_jax.pipelines.text_to_image import text_to_image
 from spacetime_jax.toyworld import dataset as toy_dataset
+from spacetime_jax.toyworld import world
 from spacetime_jax.toyworld.captions import caption
+from spacetime_jax.toyworld.denoising import format_scores, one_step_denoising
 from spacetime_jax.toyworld.fidelity import read_shape, read_size
 from spacetime_jax.toyworld.measure import measure_background_color, measure_object_color
 from spacetime_jax.toyworld.pretrain_clip import train_clip
@@ -63,6 +65,7 @@ LATENTS_FILE = "latent_moments.npz"
 WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
 ENCODE_BATCH = 256
 SCORE_SEED = 1234  # draws the scored prompts
+HELD_OUT_WORLD_SEED = 99  # renders no stage trained on (the pretraining set is seed 0)
 
 
 def log(line: str) -> None:
@@ -232,12 +235,14 @@ def run_unet_stage(folder: Path, data: LatentTrainingSet, scaling_factor: float,
 # Export and validation.
 
 def export_model(out: Path, towers: ClipTowers, vae: tuple[VAEConfig, Any],
-                 unet: tuple[UNetConfig, Any], weight_dtype: str) -> Path:
+                 unet: tuple[UNetConfig, Any], weight_dtype: str,
+                 prediction_type: str = "epsilon") -> Path:
     dtype = WEIGHT_DTYPES[weight_dtype]
     pretrained.save_stable_diffusion(
         out, unet_config=unet[0], unet_params=unet[1], vae_config=vae[0], vae_params=vae[1],
         text_config=towers.text_config, text_params=towers.text_params,
-        tokenizer_dir=towers.tokenizer_dir, scheduler_config=SchedulerConfig(),
+        tokenizer_dir=towers.tokenizer_dir,
+        scheduler_config=SchedulerConfig(prediction_type=prediction_type),
         weight_dtype=dtype)
     pretrained.save_clip_vision(out / "image_encoder", towers.vision_config,
                                 towers.vision_params, weight_dtype=dtype)
@@ -310,6 +315,13 @@ def validate(model_dir: Path, config: ml_collections.ConfigDict, grid_path: Path
         f"on {len(scored)} samples: background color {score['background_color_accuracy']:.2f}, "
         f"object color {score['object_color_accuracy']:.2f}, shape "
         f"{score['shape_accuracy']:.2f}, size {score['size_accuracy']:.2f}")
+    if s.num_denoised:
+        # Ranks short trials, which all score near chance on shape (toyworld/denoising.py).
+        renders = world.generate(HELD_OUT_WORLD_SEED, s.num_denoised, size=config.data.image_size)
+        denoised = one_step_denoising(sd, renders)
+        score["one_step_denoising"] = [d._asdict() for d in denoised]
+        log(f"validate: one step of denoising, {s.num_denoised} held-out renders: "
+            f"{format_scores(denoised)}")
     return score
 
 
@@ -323,6 +335,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.sample.sampler not in METHODS:
         raise UserError(f"sample.sampler={config.sample.sampler!r} is unknown; use one of "
                         f"{METHODS}")
+    if config.unet.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"unet.prediction_type={config.unet.prediction_type!r} is unknown; use "
+                        f"one of {PREDICTION_TYPES}")
     if config.clip.width % config.clip.heads:
         raise UserError(f"clip.width={config.clip.width} is not a multiple of "
                         f"clip.heads={config.clip.heads}")
@@ -384,7 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         summary = json.loads(summary_path.read_text())
     else:
         export_model(model_dir, towers, vae, load_unet_stage(stage_dirs["unet"]),
-                     config.export.weight_dtype)
+                     config.export.weight_dtype, config.unet.prediction_type)
         log(f"export: {model_dir} (weights {config.export.weight_dtype}), CLIP vision tower "
             f"in {model_dir / 'image_encoder'}")
         summary = {"stages": facts, "validation": validate(model_dir, config, work / "grid.png"),

@@ -2,8 +2,10 @@
 
 SD 1.x's topology at toy widths (4 down blocks, 3 with cross-attention, a mid block, 3
 cross-attention up blocks: 16 cross-attention layers), DDPM training with SD's schedule
-(scaled-linear betas, 1000 steps) and epsilon prediction. Latents are drawn from the cached
-VAE posterior moments at every step (mean + std * noise), times the scaling factor. The text
+(scaled-linear betas, 1000 steps) and epsilon prediction (or, with `prediction_type`
+v_prediction, SD 2's velocity target; the exported scheduler says which). Latents are drawn
+from the cached VAE posterior moments at every step (mean + std * noise), times the scaling
+factor. The text
 context comes from the frozen CLIP text tower, computed once for every caption before
 training; with probability `caption_dropout` a row's context is replaced by the empty
 prompt's, which is what classifier-free guidance needs. AdamW with warmup, gradient clipping
@@ -106,14 +108,16 @@ def init_params(model: UNet2DConditionModel, seed: int) -> dict:
 
 def noise_loss(model: UNet2DConditionModel, params: Any, schedule: DDPMSchedule,
                latents: jax.Array, noise: jax.Array, timesteps: jax.Array,
-               contexts: jax.Array, snr_gamma: float = 0.0) -> jax.Array:
-    """Mean squared error of the epsilon prediction at add_noise(latents, noise, timesteps),
-    each example's weighted by min_snr_weights (1 when snr_gamma <= 0)."""
+               contexts: jax.Array, snr_gamma: float = 0.0,
+               prediction_type: str = "epsilon") -> jax.Array:
+    """Mean squared error of the prediction (epsilon or v) at add_noise(latents, noise,
+    timesteps), each example's weighted by min_snr_weights (1 when snr_gamma <= 0)."""
     noisy = add_noise(schedule, latents, noise, timesteps)
     prediction = model.apply({"params": params}, noisy, timesteps, contexts)
-    target = training_target(schedule, latents, noise, timesteps, "epsilon")
+    target = training_target(schedule, latents, noise, timesteps, prediction_type)
     per_example = jnp.mean((prediction - target) ** 2, axis=tuple(range(1, target.ndim)))
-    return jnp.mean(min_snr_weights(schedule, timesteps, snr_gamma) * per_example)
+    return jnp.mean(min_snr_weights(schedule, timesteps, snr_gamma, prediction_type)
+                    * per_example)
 
 
 def make_heldout_set(data: LatentTrainingSet, scaling_factor: float, num_train_timesteps: int,
@@ -129,11 +133,11 @@ def make_heldout_set(data: LatentTrainingSet, scaling_factor: float, num_train_t
         contexts=np.asarray(data.contexts[data.context_index], np.float32))
 
 
-def make_heldout_loss(model: UNet2DConditionModel, schedule: DDPMSchedule
-                      ) -> Callable[[Any, HeldOutSet], float]:
-    """(params, held-out set) -> its noise loss."""
-    jitted = jax.jit(lambda params, schedule, *batch: noise_loss(model, params, schedule,
-                                                                 *batch))
+def make_heldout_loss(model: UNet2DConditionModel, schedule: DDPMSchedule,
+                      prediction_type: str = "epsilon") -> Callable[[Any, HeldOutSet], float]:
+    """(params, held-out set) -> its unweighted loss on the training target."""
+    jitted = jax.jit(lambda params, schedule, *batch: noise_loss(
+        model, params, schedule, *batch, prediction_type=prediction_type))
     return lambda params, heldout: float(jitted(params, schedule, *heldout))
 
 
@@ -166,7 +170,7 @@ def offset_noise(key: jax.Array, shape: tuple[int, ...], offset: float) -> jax.A
 
 def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransformation,
                     caption_dropout: float, ema_decay: float, snr_gamma: float = 0.0,
-                    noise_offset: float = 0.0) -> Callable:
+                    noise_offset: float = 0.0, prediction_type: str = "epsilon") -> Callable:
     """(state, schedule, means, logvars, contexts, empty context, scaling, key) ->
     (state, metrics); compiled once, the state donated. The schedule and the batch are jit
     arguments: closed-over arrays would become constants of the program."""
@@ -184,7 +188,7 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
                              contexts.astype(jnp.float32))
         loss, grads = jax.value_and_grad(
             lambda p: noise_loss(model, p, schedule, latents, noise, timesteps, contexts,
-                                 snr_gamma))(
+                                 snr_gamma, prediction_type))(
                 state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -227,8 +231,9 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
     initial = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                          jax.tree.map(jnp.copy, params))
     train_step = make_train_step(model, optimizer, config.caption_dropout, config.ema_decay,
-                                 config.snr_gamma, config.noise_offset)
-    heldout_loss = make_heldout_loss(model, schedule)
+                                 config.snr_gamma, config.noise_offset,
+                                 config.prediction_type)
+    heldout_loss = make_heldout_loss(model, schedule, config.prediction_type)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     log(f"unet: {count / 1e6:.2f}M params, {model_config.num_cross_attention_layers} "
         f"cross-attention layers, {n - held_out} training / {held_out} held-out examples, "
