@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spacetime_jax.diffusion.schedules import (SchedulerConfig, UnsupportedSchedulerError,
-                                               alphas_cumprod_numpy)
+                                               alphas_cumprod_numpy, x0_and_eps)
 
 # denoise_fn(latents, t) -> epsilon or v (per the config's prediction_type); t is a float32
 # scalar holding the current training timestep.
@@ -68,18 +68,6 @@ def _continuous_sigmas(config: SchedulerConfig, timesteps: np.ndarray) -> np.nda
     return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
 
 
-def _x0_and_eps(model_output: jax.Array, model_input: jax.Array, alpha: jax.Array,
-                sigma: jax.Array, prediction_type: str) -> tuple[jax.Array, jax.Array]:
-    """Clean-sample and noise predictions at model_input = alpha x0 + sigma eps."""
-    if prediction_type == "epsilon":
-        return (model_input - sigma * model_output) / alpha, model_output
-    if prediction_type == "v_prediction":
-        # v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1.
-        return (alpha * model_input - sigma * model_output,
-                alpha * model_output + sigma * model_input)
-    raise UnsupportedSchedulerError(f"prediction_type={prediction_type!r} is not supported")
-
-
 def _model_output(denoise_fn: DenoiseFn, model_input: jax.Array, t: jax.Array) -> jax.Array:
     return denoise_fn(model_input, t).astype(jnp.float32)
 
@@ -106,7 +94,7 @@ def _ddim_plan(config: SchedulerConfig, num_steps: int) -> SamplerPlan:
 
 def _ddim_step(denoise_fn, prediction_type, latents, history, row, clip_range):
     model_output = _model_output(denoise_fn, latents, row["t"])
-    x0, eps = _x0_and_eps(model_output, latents, row["alpha"], row["sigma"], prediction_type)
+    x0, eps = x0_and_eps(model_output, latents, row["alpha"], row["sigma"], prediction_type)
     if clip_range is not None:
         # diffusers clips x0 only; the noise direction keeps the unclipped prediction.
         x0 = jnp.clip(x0, -clip_range, clip_range)
@@ -141,7 +129,7 @@ def _dpmpp_2m_plan(config: SchedulerConfig, num_steps: int) -> SamplerPlan:
 
 def _dpmpp_2m_step(denoise_fn, prediction_type, latents, history, row):
     model_output = _model_output(denoise_fn, latents, row["t"])
-    x0, _ = _x0_and_eps(model_output, latents, row["alpha"], row["sigma"], prediction_type)
+    x0, _ = x0_and_eps(model_output, latents, row["alpha"], row["sigma"], prediction_type)
     previous_x0 = history[0]
     latents = (row["latent_coefficient"] * latents + row["x0_coefficient"] * x0
                + row["correction"] * (x0 - previous_x0))
@@ -169,7 +157,7 @@ def _derivative(denoise_fn, prediction_type, latents, row) -> jax.Array:
     input_scale = row["input_scale"]
     model_input = latents * input_scale
     model_output = _model_output(denoise_fn, model_input, row["t"])
-    x0, _ = _x0_and_eps(model_output, model_input, input_scale, row["sigma"] * input_scale,
+    x0, _ = x0_and_eps(model_output, model_input, input_scale, row["sigma"] * input_scale,
                         prediction_type)
     return (latents - x0) / row["sigma"]
 

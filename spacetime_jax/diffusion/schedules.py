@@ -138,16 +138,24 @@ def velocity(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Arr
     return signal * noise - noise_scale * x0
 
 
+def x0_and_eps(model_output: jax.Array, model_input: jax.Array, alpha: jax.Array,
+               sigma: jax.Array, prediction_type: str) -> tuple[jax.Array, jax.Array]:
+    """Clean-sample and noise predictions at model_input = alpha x0 + sigma eps."""
+    if prediction_type == "epsilon":
+        return (model_input - sigma * model_output) / alpha, model_output
+    if prediction_type == "v_prediction":
+        # v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1.
+        return (alpha * model_input - sigma * model_output,
+                alpha * model_output + sigma * model_input)
+    raise UnsupportedSchedulerError(f"prediction_type={prediction_type!r} is not supported "
+                                    f"(supported: {PREDICTION_TYPES})")
+
+
 def predicted_x0(schedule: DDPMSchedule, model_output: jax.Array, x_t: jax.Array,
                  t: jax.Array, prediction_type: str) -> jax.Array:
     """The clean sample a denoiser's output implies at x_t = add_noise(schedule, x0, noise, t)."""
     signal, noise_scale = _signal_and_noise_scales(schedule, t, x_t)
-    if prediction_type == "epsilon":
-        return (x_t - noise_scale * model_output) / signal
-    if prediction_type == "v_prediction":
-        return signal * x_t - noise_scale * model_output
-    raise UnsupportedSchedulerError(f"prediction_type={prediction_type!r} is not supported "
-                                    f"(supported: {PREDICTION_TYPES})")
+    return x0_and_eps(model_output, x_t, signal, noise_scale, prediction_type)[0]
 
 
 def training_target(schedule: DDPMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
