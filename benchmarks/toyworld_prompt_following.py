@@ -111,10 +111,10 @@ def main() -> None:
         print(f"one step of denoising, {args.denoised} held-out renders (world seed "
               f"{HELD_OUT_WORLD_SEED}; t=0: the VAE alone)")
         print(f"{'t':>5} {'IoU':>7} {'shape':>7} {'latent rmse':>12}")
-        renders_99 = world.generate(HELD_OUT_WORLD_SEED, args.denoised,
+        held_out = world.generate(HELD_OUT_WORLD_SEED, args.denoised,
                                     size=sd.unet.config.sample_size
                                     * sd.vae_config.downsample_factor)
-        for d in one_step_denoising(sd, renders_99):
+        for d in one_step_denoising(sd, held_out):
             print(f"{d.timestep:>5} {d.iou:>7.3f} {d.shape_accuracy:>7.3f} "
                   f"{d.latent_rmse:>12.3f}")
 

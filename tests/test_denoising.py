@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from spacetime_jax.models import builtin
 from spacetime_jax.models.pretrained import load_stable_diffusion
 from spacetime_jax.toyworld import world
-from spacetime_jax.toyworld.denoising import format_scores, mask_iou, one_step_denoising
-from spacetime_jax.toyworld.fidelity import object_mask
+from spacetime_jax.toyworld.denoising import format_scores, one_step_denoising
+from spacetime_jax.toyworld.fidelity import object_mask, silhouette_iou
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,6 @@ def sd():
 @pytest.fixture(scope="module")
 def examples():
     return world.generate(seed=123, n=24)
-
-
-def test_mask_iou_counts_overlap_in_place():
-    a = np.zeros((8, 8), bool)
-    a[:4, :4] = True
-    b = np.zeros((8, 8), bool)
-    b[2:6, :4] = True
-    assert mask_iou(a, b) == pytest.approx(8 / 24)
-    assert mask_iou(a, a) == 1.0 and mask_iou(a, ~a) == 0.0
 
 
 def test_outlines_fade_as_the_noise_grows_and_t0_is_the_vaes_own(sd, examples):
@@ -42,7 +33,7 @@ def test_outlines_fade_as_the_noise_grows_and_t0_is_the_vaes_own(sd, examples):
     decoded = sd.vae.apply({"params": sd.vae_params}, mean * scaling / scaling,
                            method=type(sd.vae).decode)
     decoded = np.asarray(jnp.clip((decoded + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
-    by_hand = np.mean([mask_iou(object_mask(d), m) for d, m in zip(decoded, examples.masks)])
+    by_hand = np.mean([silhouette_iou(object_mask(d), m) for d, m in zip(decoded, examples.masks)])
     assert scores[0].iou == pytest.approx(by_hand, abs=1e-6)
     assert scores[0].latent_rmse == 0.0
     # The shipped VAE keeps outlines (about 0.9); one step from t = 800 (sqrt(abar) 0.19)

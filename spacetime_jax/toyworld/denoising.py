@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spacetime_jax.data.latents import encode_moments
 from spacetime_jax.diffusion.schedules import add_noise, ddpm_schedule, predicted_x0
 from spacetime_jax.models.pretrained import StableDiffusion
 from spacetime_jax.models.tokenizer import tokenize
-from spacetime_jax.toyworld.fidelity import object_mask, read_shape
+from spacetime_jax.pipelines.text_to_image import to_uint8
+from spacetime_jax.toyworld.fidelity import object_mask, read_shape, silhouette_iou
 from spacetime_jax.toyworld.world import Examples
 
 DEFAULT_TIMESTEPS = (200, 400, 600, 800)
@@ -31,33 +33,17 @@ DEFAULT_TIMESTEPS = (200, 400, 600, 800)
 
 class DenoisingScore(NamedTuple):
     timestep: int  # 0: the VAE's reconstruction, no noise
-    iou: float  # mean IoU of the decoded object's pixels with the rendered mask
+    iou: float  # mean IoU, in place, of the decoded object's pixels with the rendered mask
     shape_accuracy: float  # fraction whose shape reads as the rendered shape
     latent_rmse: float  # of the predicted clean latent (scaled units; 0 at t = 0)
 
 
-def mask_iou(predicted: np.ndarray, rendered: np.ndarray) -> float:
-    """IoU of two bool masks in place (not normalized: position and size count)."""
-    union = np.logical_or(predicted, rendered).sum()
-    return float(np.logical_and(predicted, rendered).sum() / union) if union else 1.0
-
-
-def _to_uint8(images: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
-
-
 def _score(timestep: int, decoded: np.ndarray, examples: Examples, rmse: float
            ) -> DenoisingScore:
-    ious = [mask_iou(object_mask(image), mask) for image, mask in zip(decoded, examples.masks)]
+    ious = [silhouette_iou(object_mask(image), mask)
+            for image, mask in zip(decoded, examples.masks)]
     shapes = [read_shape(image) == scene.shape for image, scene in zip(decoded, examples.scenes)]
     return DenoisingScore(timestep, float(np.mean(ious)), float(np.mean(shapes)), rmse)
-
-
-@functools.partial(jax.jit, static_argnames=("vae", "scaling"))
-def _encode(vae, vae_params, images, *, scaling):
-    mean, _ = vae.apply({"params": vae_params}, images.astype(jnp.float32) / 127.5 - 1.0,
-                        method=type(vae).encode)
-    return mean * scaling
 
 
 @functools.partial(jax.jit, static_argnames=("vae", "scaling"))
@@ -83,24 +69,24 @@ def one_step_denoising(sd: StableDiffusion, examples: Examples,
     models and timesteps."""
     schedule = ddpm_schedule(sd.scheduler_config)
     scaling = sd.vae_config.scaling_factor
-    encode = functools.partial(_encode, sd.vae, sd.vae_params, scaling=scaling)
     decode = functools.partial(_decode, sd.vae, sd.vae_params, scaling=scaling)
     denoise = functools.partial(_denoise, sd.unet, sd.unet_params, sd.text_encoder,
                                 sd.text_params, schedule,
                                 prediction_type=sd.scheduler_config.prediction_type)
     ids = np.asarray(tokenize(sd.tokenizer, list(examples.captions)))
     rows = [slice(i, i + batch_size) for i in range(0, len(examples.images), batch_size)]
-    latents = [encode(jnp.asarray(examples.images[r])) for r in rows]
+    means, _ = encode_moments(sd.vae, sd.vae_params, examples.images, batch_size)
+    latents = [jnp.asarray(means[r]) * scaling for r in rows]
     noise = [jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), z.shape)
              for i, z in enumerate(latents)]
-    reconstructed = np.concatenate([_to_uint8(decode(z)) for z in latents])
+    reconstructed = np.concatenate([to_uint8(decode(z)) for z in latents])
     scores = [_score(0, reconstructed, examples, 0.0)]
     for t in timesteps:
         clean = [denoise(z, e, jnp.int32(t), jnp.asarray(ids[r]))
                  for z, e, r in zip(latents, noise, rows)]
         squared = np.concatenate([np.asarray((c - z) ** 2).reshape(len(z), -1)
                                   for c, z in zip(clean, latents)])
-        decoded = np.concatenate([_to_uint8(decode(c)) for c in clean])
+        decoded = np.concatenate([to_uint8(decode(c)) for c in clean])
         scores.append(_score(int(t), decoded, examples, float(np.sqrt(squared.mean()))))
     return scores
 
