@@ -20,7 +20,8 @@ from spacetime_jax.elite.importer import unet_param_shapes
 from spacetime_jax.elite.params import (count_params, cross_attention_kv, local_kv_init,
                                         merge_params)
 from spacetime_jax.errors import UserError
-from spacetime_jax.models.attention import LayerContexts, LocalBranch
+from spacetime_jax.models.attention import (MIN_WORD_ATTENTION, LayerContexts, LocalBranch,
+                                            local_gate)
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTransformer
 from spacetime_jax.models.pretrained import load_unet
@@ -296,3 +297,25 @@ def test_local_kv_tree_fits_the_local_branch_unet(tiny_unet):
     mixed = np.asarray(with_local([0.0, 1.0]))
     np.testing.assert_allclose(mixed[0], plain[0], atol=1e-5)
     assert np.abs(mixed[1] - np.asarray(plain[1])).max() > 1e-4
+
+
+def test_local_gate_is_finite_where_the_word_gets_no_attention():
+    # (B=3, N=2 heads, Tq=4 queries, Tk=5 keys); the word sits at key 1 (sample 0: exactly
+    # unattended, as a float32 softmax gives it behind a logit gap of ~100; sample 1: 1e-36;
+    # sample 2: an ordinary map).
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.05, 1.0, size=(3, 2, 4, 5)).astype(np.float32)
+    probs[0, :, :, 1] = 0.0
+    probs[1, :, :, 1] *= 1e-36
+    probs /= probs.sum(-1, keepdims=True)
+    probs = jnp.asarray(probs)
+    positions = jnp.array([1, 1, 1])
+    gate = np.asarray(local_gate(probs, positions))
+    assert gate.shape == (3, 2, 4) and np.isfinite(gate).all()
+    np.testing.assert_array_equal(gate[0], 0.0)
+    assert gate[1].max() < 1e-29  # faded out, not scaled up to 1
+    word = np.asarray(probs)[2, :, :, 1]
+    np.testing.assert_allclose(gate[2], word / word.max(), rtol=1e-6)  # the reference's m / max(m)
+    assert word.max() > MIN_WORD_ATTENTION
+    grads = jax.grad(lambda p: jnp.sum(local_gate(p, positions) * jnp.arange(4.0)))(probs)
+    assert np.isfinite(np.asarray(grads)).all()

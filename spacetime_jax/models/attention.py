@@ -40,6 +40,23 @@ class LocalBranch:
     scale: jax.Array
 
 
+# Below this, a layer's primary-word map is not a map: a U-Net whose attention logits span
+# more than ~90 gives the word probabilities of 1e-36 or an exact 0 in some layers, which the
+# reference's m / max(m) turns into noise scaled to 1 or 0 / 0 = NaN (and 1 / max^2 into an
+# infinite gradient); such a layer's local term fades out instead.
+MIN_WORD_ATTENTION = 1e-6
+
+
+def local_gate(global_probs: jax.Array, word_position: jax.Array) -> jax.Array:
+    """ELITE's gate of the local term: the primary word's global attention map (B, N, Tq),
+    normalized per sample over heads and queries (the reference's batch-wide max couples
+    batch-mates; see METHODS.md), with the max floored at MIN_WORD_ATTENTION."""
+    word_map = jnp.take_along_axis(
+        global_probs, word_position[:, None, None, None].astype(jnp.int32), axis=-1)[..., 0]
+    peak = jnp.max(word_map, axis=(1, 2), keepdims=True)
+    return word_map / jnp.maximum(peak, MIN_WORD_ATTENTION)
+
+
 @flax.struct.dataclass
 class LayerContexts:
     """Per-layer text contexts: keys and values are (num_layers, B, T, D)."""
@@ -144,12 +161,6 @@ class CrossAttention(nn.Module):
         k_local = _split_heads(to_k_local(tokens), self.heads)
         v_local = _split_heads(to_v_local(tokens), self.heads)
         local_probs = attention_probabilities(q, k_local)  # (B,N,Tq,Tl)
-        # The primary word's global attention map, normalized per sample over heads and
-        # queries (the reference's batch-wide max couples batch-mates; see METHODS.md).
-        word_map = jnp.take_along_axis(
-            global_probs, local.word_position[:, None, None, None].astype(jnp.int32), axis=-1
-        )[..., 0]  # (B,N,Tq)
-        word_map = word_map / jnp.max(word_map, axis=(1, 2), keepdims=True)
-        gated = local_probs * word_map[..., None]
+        gated = local_probs * local_gate(global_probs, local.word_position)[..., None]
         scale = jnp.asarray(local.scale, jnp.float32).reshape(-1, 1, 1, 1)
         return apply_probabilities(gated * scale, v_local)
