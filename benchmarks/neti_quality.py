@@ -105,6 +105,7 @@ from configs import elite_global as elite_configs
 from spacetime_jax.elite import sample as elite_sample
 from spacetime_jax.elite.artifact import EncoderArtifact, load_encoder
 from spacetime_jax.elite.conditioning import format_prompts as elite_prompts
+from spacetime_jax.elite.personalize import encoder_folder
 from spacetime_jax.errors import UserError
 from spacetime_jax.models.builtin import resolve_builtin
 from spacetime_jax.models.clip_vision import clip_preprocess
@@ -539,7 +540,8 @@ def load_elite_encoder(folder: str, model: str, model_dir: Path, needs_local: bo
     """The encoder folder and the frozen model it runs on; `models` caches the latter by what
     it is built from, so encoders on the same model share it (and its compiled sampler)."""
     flag = "--elite-local" if needs_local else "--elite-global"
-    artifact = load_encoder(folder)
+    resolved = Path(encoder_folder(folder))  # a training workdir's encoder/, or the folder
+    artifact = load_encoder(resolved)
     if needs_local and artifact.local_params is None:
         raise UserError(f"{flag} {folder}: this encoder has no local stage; give a stage-2 "
                         "encoder folder (WORKDIR/encoder of an elite_local run)")
@@ -559,8 +561,8 @@ def load_elite_encoder(folder: str, model: str, model_dir: Path, needs_local: bo
         global_mapper=g["mapper"], global_kv=g["kv"],
         local_mapper=l["mapper"] if needs_local else None,
         local_kv=l["kv"] if needs_local else None)
-    return EliteEncoder(Path(folder), elite_model, params,
-                        encoder_training_seconds(Path(folder), artifact))
+    return EliteEncoder(resolved, elite_model, params,
+                        encoder_training_seconds(resolved, artifact))
 
 
 def encode_seconds(encoder: EliteEncoder, image: np.ndarray, mask: np.ndarray) -> tuple:
@@ -717,9 +719,11 @@ def main() -> None:
                              f"'{NO_METHODS}': none; '{ELITE}': the ELITE rows (needs "
                              "--elite-global or --elite-local), e.g. --methods elite")
     parser.add_argument("--elite-global", default=None, metavar="DIR",
-                        help="a stage-1 ELITE encoder folder: adds the elite_global row")
+                        help="a stage-1 ELITE training workdir (or its encoder/ folder): "
+                             "adds the elite_global row")
     parser.add_argument("--elite-local", default=None, metavar="DIR",
-                        help="a stage-2 ELITE encoder folder: adds the elite_local_l0.6 and "
+                        help="a stage-2 ELITE training workdir (or its encoder/ folder): "
+                             "adds the elite_local_l0.6 and "
                              "elite_local_l1.0 rows")
     parser.add_argument("--concepts", default=",".join(CONCEPTS))
     parser.add_argument("--super-category", action="append", default=[],
@@ -846,4 +850,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # bad input: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
