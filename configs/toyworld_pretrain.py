@@ -114,6 +114,10 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.unet.snr_gamma = 5.0  # min-SNR loss weighting (gamma); 0: the plain noise loss
     c.unet.noise_offset = 0.1  # per-example, per-channel noise offset's std; 0: plain noise
     c.unet.prediction_type = "epsilon"  # or "v_prediction" (SD 2's); the scheduler says which
+    # > 0: training timesteps t / 1000 = sigmoid(mean + std * N(0, 1)) (SD3's logit-normal),
+    # more of them mid-schedule where outlines form; 0: uniform (SD 1.x's)
+    c.unet.timestep_logit_mean = 0.0
+    c.unet.timestep_logit_std = 0.0
     c.unet.seed = 0
     c.unet.checkpoint_every = 200
 
@@ -172,6 +176,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         c.unet.block_out_channels = (16, 32, 32, 32)
         c.unet.norm_num_groups = 8
         c.unet.learning_rate = 1e-3
+        c.unet.timestep_logit_std = 1.0  # the logit-normal timesteps' path
         c.sample.prompts = c.sample.prompts[:2]
         c.sample.seeds = (0, 1)
         c.sample.num_scored = 8

@@ -183,6 +183,21 @@ def test_sample_timesteps_are_uniform_integers_in_range():
     assert abs(t.mean() - 499.5) < 10
 
 
+@pytest.mark.parametrize("mean", [0.0, 0.5])
+def test_logit_normal_timesteps_gather_around_sigmoid_of_the_mean(mean):
+    t = np.asarray(sample_timesteps(jax.random.key(0), 20000, 1000, logit_mean=mean,
+                                    logit_std=1.0))
+    assert t.shape == (20000,) and np.issubdtype(t.dtype, np.integer)
+    assert t.min() >= 0 and t.max() <= 999
+    centre = 1000 / (1 + np.exp(-mean))
+    assert abs(np.median(t) - centre) < 15
+    # one std either side of the mean holds 68% of them: t in 1000 * sigmoid(mean -+ 1)
+    low, high = 1000 / (1 + np.exp(-(mean - 1))), 1000 / (1 + np.exp(-(mean + 1)))
+    assert abs(np.mean((t >= low) & (t < high)) - 0.683) < 0.02
+    uniform = np.asarray(sample_timesteps(jax.random.key(0), 20000, 1000))
+    assert np.mean((t >= 250) & (t < 750)) > np.mean((uniform >= 250) & (uniform < 750)) + 0.1
+
+
 # ---- classifier-free guidance ----
 
 def test_guidance_is_one_batched_call_combining_uncond_and_cond():

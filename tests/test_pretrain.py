@@ -251,6 +251,19 @@ def test_unknown_prediction_type_is_one_line_before_any_work(tmp_path):
     assert not workdir.exists()
 
 
+def test_negative_timestep_spread_is_one_line_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "spacetime_jax.main", "--config=configs/toyworld_pretrain.py:smoke",
+         f"--workdir={workdir}", "--config.unet.timestep_logit_std=-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "unet.timestep_logit_std=-1.0 is negative; use 0 (uniform timesteps) or a " \
+        "positive spread" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not workdir.exists()
+
+
 def test_smoke_run_trains_every_stage_in_order(smoke):
     out = smoke["first"].stdout
     positions = [out.index(f"{stage}: training") for stage in STAGES]

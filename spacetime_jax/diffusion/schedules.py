@@ -188,6 +188,15 @@ def min_snr_weights(schedule: DDPMSchedule, t: jax.Array, gamma: float,
                                     f"(supported: {PREDICTION_TYPES})")
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:
-    """Uniform integer timesteps in [0, num_train_timesteps), shape (batch,)."""
-    return jax.random.randint(rng, (batch,), 0, num_train_timesteps)
+def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int,
+                     logit_mean: float = 0.0, logit_std: float = 0.0) -> jax.Array:
+    """Integer timesteps in [0, num_train_timesteps), shape (batch,): uniform when logit_std
+    is 0, else logit-normal (t / T = sigmoid(logit_mean + logit_std * N(0, 1)), SD3's
+    sampling), which spends more of the training on the middle of the schedule, where a
+    sample's layout and outlines are decided, and less on its nearly clean and nearly pure
+    noise ends."""
+    if logit_std <= 0:
+        return jax.random.randint(rng, (batch,), 0, num_train_timesteps)
+    fraction = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
+    return jnp.minimum(jnp.floor(fraction * num_train_timesteps).astype(jnp.int32),
+                       num_train_timesteps - 1)

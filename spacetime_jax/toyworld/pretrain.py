@@ -338,6 +338,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.unet.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unet.prediction_type={config.unet.prediction_type!r} is unknown; use "
                         f"one of {PREDICTION_TYPES}")
+    if config.unet.timestep_logit_std < 0:
+        raise UserError(f"unet.timestep_logit_std={config.unet.timestep_logit_std} is "
+                        f"negative; use 0 (uniform timesteps) or a positive spread")
     if config.clip.width % config.clip.heads:
         raise UserError(f"clip.width={config.clip.width} is not a multiple of "
                         f"clip.heads={config.clip.heads}")

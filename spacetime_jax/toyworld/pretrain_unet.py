@@ -16,6 +16,8 @@ toy model's budget the weighting spends the updates on the noisy steps that lay 
 the held-out loss stays unweighted, comparable between runs. With `noise_offset` > 0 the
 training noise gets a per-example, per-channel offset (offset_noise), so that the text, not the
 leak of SD's schedule, sets each image's mean colour; the held-out loss keeps plain noise.
+With `timestep_logit_std` > 0 the training timesteps are logit-normal instead of uniform
+(sample_timesteps); the held-out set keeps uniform ones.
 """
 from __future__ import annotations
 
@@ -170,7 +172,9 @@ def offset_noise(key: jax.Array, shape: tuple[int, ...], offset: float) -> jax.A
 
 def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransformation,
                     caption_dropout: float, ema_decay: float, snr_gamma: float = 0.0,
-                    noise_offset: float = 0.0, prediction_type: str = "epsilon") -> Callable:
+                    noise_offset: float = 0.0, prediction_type: str = "epsilon",
+                    timestep_logit_mean: float = 0.0,
+                    timestep_logit_std: float = 0.0) -> Callable:
     """(state, schedule, means, logvars, contexts, empty context, scaling, key) ->
     (state, metrics); compiled once, the state donated. The schedule and the batch are jit
     arguments: closed-over arrays would become constants of the program."""
@@ -182,7 +186,8 @@ def make_train_step(model: UNet2DConditionModel, optimizer: optax.GradientTransf
         batch = means.shape[0]
         latents = sample_latents(latent_rng, means, logvars) * scaling
         noise = offset_noise(noise_rng, latents.shape, noise_offset)
-        timesteps = sample_timesteps(time_rng, batch, schedule.betas.shape[0])
+        timesteps = sample_timesteps(time_rng, batch, schedule.betas.shape[0],
+                                     timestep_logit_mean, timestep_logit_std)
         dropped = jax.random.uniform(drop_rng, (batch, 1, 1)) < caption_dropout
         contexts = jnp.where(dropped, empty_context[None].astype(jnp.float32),
                              contexts.astype(jnp.float32))
@@ -232,7 +237,8 @@ def train_unet(data: LatentTrainingSet, scaling_factor: float,
                          jax.tree.map(jnp.copy, params))
     train_step = make_train_step(model, optimizer, config.caption_dropout, config.ema_decay,
                                  config.snr_gamma, config.noise_offset,
-                                 config.prediction_type)
+                                 config.prediction_type, config.timestep_logit_mean,
+                                 config.timestep_logit_std)
     heldout_loss = make_heldout_loss(model, schedule, config.prediction_type)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     log(f"unet: {count / 1e6:.2f}M params, {model_config.num_cross_attention_layers} "
