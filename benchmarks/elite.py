@@ -384,8 +384,9 @@ def print_report(args, model: EliteModel, peak: float, peak_side: int, encodings
     print(f"encoder:       random init; feature layers {list(enc.feature_layers)}, hidden "
           f"{enc.hidden_width}, {enc.num_words} words of {enc.word_dim}, "
           f"{model.patch_grid ** 2} local tokens")
-    print(f"settings:      resolution {args.resolution} px ({args.resolution // 8}x"
-          f"{args.resolution // 8} latents); ELITE training batch {args.batch} (one "
+    latent_side = args.resolution // sd.vae_config.downsample_factor
+    print(f"settings:      resolution {args.resolution} px ({latent_side}x{latent_side} "
+          f"latents); ELITE training batch {args.batch} (one "
           f"micro-batch); NeTI batch {NETI_BATCH}; encode batches {args.encode_batches}; "
           f"median of {args.steps} calls after {args.warmup} warm-up; float32")
     print(f"matmul peak:   {peak / 1e9:.1f} GFLOP/s (float32 {peak_side}x{peak_side}, jitted)")
