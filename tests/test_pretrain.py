@@ -238,28 +238,20 @@ def test_groups_that_do_not_divide_the_batch_are_one_line_before_any_work(tmp_pa
     assert not workdir.exists()
 
 
-def test_unknown_prediction_type_is_one_line_before_any_work(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("unet.prediction_type=sample",
+     "unet.prediction_type='sample' is unknown; use one of ('epsilon', 'v_prediction')"),
+    ("unet.timestep_logit_std=-1",
+     "unet.timestep_logit_std=-1.0 is negative; use 0 (uniform timesteps) or a positive spread"),
+])
+def test_bad_unet_settings_are_one_line_before_any_work(tmp_path, override, message):
     workdir = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "spacetime_jax.main", "--config=configs/toyworld_pretrain.py:smoke",
-         f"--workdir={workdir}", "--config.unet.prediction_type=sample"],
+         f"--workdir={workdir}", f"--config.{override}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert "unet.prediction_type='sample' is unknown; use one of ('epsilon', 'v_prediction')" \
-        in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not workdir.exists()
-
-
-def test_negative_timestep_spread_is_one_line_before_any_work(tmp_path):
-    workdir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "spacetime_jax.main", "--config=configs/toyworld_pretrain.py:smoke",
-         f"--workdir={workdir}", "--config.unet.timestep_logit_std=-1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert "unet.timestep_logit_std=-1.0 is negative; use 0 (uniform timesteps) or a " \
-        "positive spread" in done.stderr
+    assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
 
